@@ -1,0 +1,614 @@
+"""``Policy`` and ``@resilient``: the policies composed around one unit of work.
+
+The order in which policies wrap a call is defined here, and only here::
+
+    deadline            the whole call, retries and backoff included (contextvar)
+     └─ retry           whole-unit retries, with backoff and the retry budget
+         └─ breaker     fail fast while the database is down; counts outcomes
+             └─ bulkhead    at most N attempts at once
+                 └─ timeout     per attempt, never beyond the remaining deadline
+                     └─ call        your function: the unit of work
+
+Why this order: the breaker sits inside the retry so that every attempt is
+admitted (or rejected, cheaply) on its own and counted once; the bulkhead sits
+inside the breaker so that a rejected call never takes a slot; the timeout sits
+innermost so that it bounds the work and not the queueing, and the breaker sees
+the timeout as the attempt's failure.
+
+Only the outermost guarded call retries: a guarded function called from another
+guarded function runs its attempt under the shared deadline, through breakers and
+bulkheads not already applied further out, and lets errors travel to the outer
+unit of work, which retries as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Final, Literal, NoReturn, ParamSpec, TypeVar, cast, overload
+
+from . import _validate as v
+from ._classify import Classification, Classifier, ErrorCategory, resolve
+from ._errors import CommitOutcomeUnknown
+from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
+from ._sqla import install_commit_tracking
+from .policies.breaker import BreakerOutcome, BreakerProtocol, CircuitBreaker, get_breaker
+from .policies.budget import RetryBudget
+from .policies.bulkhead import Bulkhead
+from .policies.retry import Backoff, RetryPolicy
+from .policies.timeout import TimeoutPolicy
+
+__all__ = ["Policy", "resilient"]
+
+logger = logging.getLogger("resilient_db")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+R = TypeVar("R")
+C = TypeVar("C")
+
+
+class _Default:
+    """Sentinel: "not given, use the default" (``None``/``False`` mean "disabled")."""
+
+    _instance: _Default | None = None
+
+    def __new__(cls) -> _Default:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+DEFAULT: Final = _Default()
+
+_EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def breaker_outcome(verdict: Classification) -> BreakerOutcome:
+    """How a classified failure counts for the breaker."""
+    if verdict.counts_for_breaker:
+        return BreakerOutcome.FAILURE
+    if verdict.category in (ErrorCategory.CANCELLED, ErrorCategory.OVERLOAD):
+        return BreakerOutcome.IGNORED
+    # The database answered (a constraint, a conflict) or the code failed on its own
+    # account: either way nothing says the database is unhealthy.
+    return BreakerOutcome.SUCCESS
+
+
+def _is_async_callable(fn: object) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Policy:
+    """A reusable set of policies for units of work against one database.
+
+    Build it once, then use it as a decorator (``@policy``) or call through it
+    (``await policy.call(fn, *args)``). Everything is validated and normalised
+    here, so a bad value fails at import time, never at call time.
+
+    Args:
+        timeout: per-attempt limit in seconds (number or ``timedelta``); ``None``:
+            attempts are bounded only by the deadline.
+        deadline: overall limit for the call, retries and backoff included.
+        retries: additional attempts after the first, for errors that are safe
+            to retry (0 disables retries).
+        backoff: a :class:`Backoff`, or a mapping with its fields
+            (``initial``, ``max``, ``multiplier``, ``jitter``).
+        breaker: a :class:`CircuitBreaker` (or an adapter such as
+            :class:`AiobreakerAdapter`), the name of a shared breaker, or ``False``
+            for none. Default: the shared breaker named ``"default"``.
+        bulkhead: a :class:`Bulkhead`, an int (max concurrent attempts), or
+            ``None`` for none.
+        classifier: decides what is retryable and what the breaker counts; return
+            ``None`` from it to defer to :func:`classify`.
+        idempotent: the unit of work is safe to run twice (e.g. it writes an
+            idempotency key in the same transaction). Only then is an attempt that
+            sent a COMMIT retried after failing; otherwise such an attempt raises
+            :class:`CommitOutcomeUnknown`.
+        retry_budget: a shared :class:`RetryBudget`, ``None`` for no budget. Default:
+            a budget of this policy's own (retries add at most 20 %).
+        clock: monotonic clock in seconds, for deadlines and durations.
+        sleep: coroutine used for backoff waits.
+        name: for logs and telemetry (default: the decorated function's qualified name).
+    """
+
+    __slots__ = (
+        "_breaker",
+        "_bulkhead",
+        "_classifier",
+        "_clock",
+        "_name",
+        "_retry",
+        "_timeouts",
+        "idempotent",
+    )
+
+    def __init__(
+        self,
+        *,
+        timeout: v.Seconds | None = None,
+        deadline: v.Seconds | None = None,
+        retries: int = 3,
+        backoff: Backoff | Mapping[str, Any] | None = None,
+        breaker: BreakerProtocol | str | Literal[False] | _Default = DEFAULT,
+        bulkhead: Bulkhead | int | None = None,
+        classifier: Classifier | None = None,
+        idempotent: bool = False,
+        retry_budget: RetryBudget | _Default | None = DEFAULT,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        name: str | None = None,
+    ) -> None:
+        self._timeouts = TimeoutPolicy.build(timeout, deadline)
+        if backoff is None:
+            backoff = Backoff()
+        elif isinstance(backoff, Mapping):
+            unknown = set(backoff) - {"initial", "max", "multiplier", "jitter"}
+            if unknown:
+                raise ValueError(
+                    f"backoff got unknown key(s) {sorted(unknown)}; "
+                    "accepted: initial, max, multiplier, jitter"
+                )
+            backoff = Backoff(**backoff)
+        elif not isinstance(backoff, Backoff):
+            raise TypeError(
+                f"backoff must be a Backoff, a mapping of its fields, or None; got {backoff!r}"
+            )
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds; got {clock!r}")
+        if not callable(sleep):
+            raise TypeError(f"sleep must be a coroutine function taking seconds; got {sleep!r}")
+        if isinstance(retry_budget, _Default):
+            budget: RetryBudget | None = RetryBudget(clock=clock)
+        elif retry_budget is None or isinstance(retry_budget, RetryBudget):
+            budget = retry_budget
+        else:
+            raise TypeError(f"retry_budget must be a RetryBudget or None; got {retry_budget!r}")
+        self._retry = RetryPolicy(
+            retries=retries, backoff=backoff, budget=budget, clock=clock, sleep=sleep
+        )
+        self._breaker = _resolve_breaker(breaker)
+        self._bulkhead = _resolve_bulkhead(bulkhead)
+        if classifier is not None and not callable(classifier):
+            raise TypeError(f"classifier must be callable or None; got {classifier!r}")
+        self._classifier = classifier
+        self.idempotent = v.boolean("idempotent", idempotent)
+        self._clock = clock
+        self._name = None if name is None else v.name_string("name", name)
+        install_commit_tracking()
+
+    # -- building from configuration ------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], **overrides: Any) -> Policy:
+        """Build from a dict; see ``docs/configuration.md`` for the keys."""
+        from ._config import policy_from_mapping
+
+        return policy_from_mapping(mapping, **overrides)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        prefix: str = "RESILIENT_DB_",
+        **overrides: Any,
+    ) -> Policy:
+        """Build from ``RESILIENT_DB_*`` environment variables."""
+        from ._config import policy_from_env
+
+        return policy_from_env(environ, prefix=prefix, **overrides)
+
+    @classmethod
+    def from_toml(
+        cls, path: str | os.PathLike[str], *, table: str = "resilient_db", **overrides: Any
+    ) -> Policy:
+        """Build from a TOML table (``table="tool.resilient_db"`` for pyproject.toml)."""
+        from ._config import policy_from_toml
+
+        return policy_from_toml(path, table=table, **overrides)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float | None:
+        """Per-attempt timeout in seconds."""
+        return self._timeouts.timeout
+
+    @property
+    def deadline(self) -> float | None:
+        """Overall deadline in seconds."""
+        return self._timeouts.deadline
+
+    @property
+    def retries(self) -> int:
+        """Additional attempts after the first."""
+        return self._retry.retries
+
+    @property
+    def backoff(self) -> Backoff:
+        """The backoff between attempts."""
+        return self._retry.backoff
+
+    @property
+    def breaker(self) -> BreakerProtocol | None:
+        """The breaker guarding calls, if any."""
+        return self._breaker
+
+    @property
+    def bulkhead(self) -> Bulkhead | None:
+        """The bulkhead limiting concurrent attempts, if any."""
+        return self._bulkhead
+
+    @property
+    def retry_budget(self) -> RetryBudget | None:
+        """The retry budget, if any."""
+        return self._retry.budget
+
+    @property
+    def name(self) -> str | None:
+        """The name given to the policy, if any."""
+        return self._name
+
+    def __repr__(self) -> str:
+        breaker = self._breaker.name if self._breaker is not None else None
+        return (
+            f"Policy(timeout={self.timeout}, deadline={self.deadline}, retries={self.retries}, "
+            f"breaker={breaker!r}, bulkhead={self._bulkhead!r}, idempotent={self.idempotent})"
+        )
+
+    # -- using it ------------------------------------------------------------------------
+
+    @overload
+    def __call__(
+        self, fn: staticmethod[P, Coroutine[Any, Any, T]]
+    ) -> staticmethod[P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(
+        self, fn: classmethod[C, P, Coroutine[Any, Any, T]]
+    ) -> classmethod[C, P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    def __call__(self, fn: Any) -> Any:
+        """Decorate an ``async def`` function or method (sync callables: ``TypeError``)."""
+        if isinstance(fn, staticmethod):
+            return staticmethod(self(fn.__func__))
+        if isinstance(fn, classmethod):
+            return classmethod(self(fn.__func__))
+        if inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"@resilient cannot guard async generator {fn!r}: a stream cannot be "
+                "retried as a unit; guard the function that consumes it, or use "
+                "ResilientEngine.stream()"
+            )
+        if not _is_async_callable(fn):
+            raise TypeError(
+                f"@resilient needs an async function (async def); got {fn!r}, which is synchronous"
+            )
+        invoke = self._invoke
+
+        @functools.wraps(fn)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            return await invoke(fn, args, kwargs)
+
+        guarded.__resilient_policy__ = self  # type: ignore[attr-defined]
+        return guarded
+
+    async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` under this policy."""
+        return cast("T", await self._invoke(fn, args, kwargs))
+
+    # -- the machinery -------------------------------------------------------------------
+
+    async def _invoke(
+        self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        outer = _SCOPE.get()
+        if outer is not None and outer.in_call:
+            return await self._invoke_nested(outer, fn, args, kwargs)
+        clock = self._clock
+        start = clock()
+        deadline_at = None
+        if self._timeouts.deadline is not None:
+            deadline_at = start + self._timeouts.deadline
+        if outer is not None and outer.deadline_at is not None:
+            # Inside a bare `deadline()` block: share what is left of it.
+            remaining = outer.deadline_at - outer.clock()
+            if deadline_at is None or start + remaining < deadline_at:
+                deadline_at = start + remaining
+        guards: tuple[object, ...] = ()
+        if self._breaker is not None or self._bulkhead is not None:
+            guards = (self._breaker, self._bulkhead)
+        scope = CallScope(clock, deadline_at, True, AttemptState(), 1, guards)
+        token = _SCOPE.set(scope)
+        try:
+            budget = self._retry.budget
+            if budget is not None:
+                budget.deposit()
+            try:
+                return await self._attempt(scope, self._breaker, self._bulkhead, fn, args, kwargs)
+            except BaseException as exc:
+                if isinstance(exc, _EXIT_EXCEPTIONS):
+                    self._warn_cancelled_commit(scope)
+                    raise
+                retry, reason = self._should_retry(scope, exc)
+                if not retry:
+                    self._raise_final(scope, exc)
+                failure = exc
+            return await self._retry_after(scope, failure, reason, fn, args, kwargs, start)
+        finally:
+            _SCOPE.reset(token)
+
+    async def _attempt(
+        self,
+        scope: CallScope,
+        breaker: BreakerProtocol | None,
+        bulkhead: Bulkhead | None,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """One attempt: breaker → bulkhead → timeout → call."""
+        timeouts = self._timeouts
+        limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
+        permit = breaker.acquire() if breaker is not None else 0
+        clock = self._clock
+        if bulkhead is not None and not bulkhead.try_acquire():
+            try:
+                await bulkhead.acquire(scope.remaining())
+            except BaseException:
+                if breaker is not None:
+                    breaker.record(permit, BreakerOutcome.IGNORED, 0.0)
+                raise
+            if scope.deadline_at is not None:
+                # Queueing used part of the budget: recompute the attempt's share.
+                limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
+        start = clock()
+        try:
+            if limit is None:
+                result = await fn(*args, **kwargs)
+            else:
+                timer = asyncio.timeout(limit)
+                try:
+                    async with timer:
+                        result = await fn(*args, **kwargs)
+                except TimeoutError as exc:
+                    if timer.expired():
+                        raise timeouts.expired(limit, by_deadline, scope.attempt_number) from exc
+                    raise
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.record(
+                    permit, breaker_outcome(resolve(self._classifier, exc)), clock() - start
+                )
+            raise
+        else:
+            if breaker is not None:
+                breaker.record(permit, BreakerOutcome.SUCCESS, clock() - start)
+            return result
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
+
+    async def _invoke_nested(
+        self,
+        outer: CallScope,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A guarded call inside another: one attempt, errors go to the outer unit."""
+        breaker = self._breaker if self._breaker not in outer.guards else None
+        bulkhead = self._bulkhead if self._bulkhead not in outer.guards else None
+        deadline_at = outer.deadline_at
+        if self._timeouts.deadline is not None:
+            own = self._clock() + self._timeouts.deadline
+            if deadline_at is None or own < deadline_at:
+                deadline_at = own
+        if breaker is None and bulkhead is None and deadline_at == outer.deadline_at:
+            return await self._attempt(outer, None, None, fn, args, kwargs)
+        scope = CallScope(
+            outer.clock if deadline_at == outer.deadline_at else self._clock,
+            deadline_at,
+            True,
+            outer.attempt,
+            outer.attempt_number,
+            (*outer.guards, breaker, bulkhead),
+        )
+        token = _SCOPE.set(scope)
+        try:
+            return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
+        finally:
+            _SCOPE.reset(token)
+
+    def _should_retry(self, scope: CallScope, exc: BaseException) -> tuple[bool, str]:
+        """Decide on a failed attempt. May stash a replacement error on the scope."""
+        verdict = resolve(self._classifier, exc)
+        reason = f"{type(exc).__name__} ({verdict.reason})"
+        unsafe = scope.attempt.unsafe_commits()
+        if (
+            unsafe
+            and not self.idempotent
+            and (
+                verdict.retryable
+                or verdict.category
+                in (ErrorCategory.CONNECTION, ErrorCategory.TIMEOUT, ErrorCategory.CANCELLED)
+            )
+        ):
+            scope.attempt.extra["replacement"] = _commit_unknown(scope, unsafe, exc)
+            return False, reason + "; a COMMIT was sent during the attempt: not retried"
+        return verdict.retryable, reason
+
+    async def _retry_after(
+        self,
+        scope: CallScope,
+        failure: BaseException,
+        first_reason: str,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        start: float,
+    ) -> Any:
+        breaker, bulkhead = self._breaker, self._bulkhead
+
+        async def attempt() -> Any:
+            scope.attempt = AttemptState()
+            return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
+
+        def should_retry(exc: BaseException, attempt_number: int) -> tuple[bool, str]:
+            if attempt_number == 1:
+                return True, first_reason  # decided already, before building tenacity
+            return self._should_retry(scope, exc)
+
+        try:
+            return await self._retry.run(
+                scope, failure, attempt, should_retry, started=start, on_retry=self._log_retry
+            )
+        except BaseException as exc:
+            if isinstance(exc, _EXIT_EXCEPTIONS):
+                self._warn_cancelled_commit(scope)
+                raise
+            self._raise_final(scope, exc)
+
+    def _raise_final(self, scope: CallScope, exc: BaseException) -> NoReturn:
+        """Raise the error the caller gets: the original, or CommitOutcomeUnknown."""
+        replacement = scope.attempt.extra.pop("replacement", None)
+        if replacement is None:
+            raise exc
+        logger.error("%s", replacement, extra={"resilient_db_event": "commit_outcome_unknown"})
+        raise replacement from exc
+
+    def _warn_cancelled_commit(self, scope: CallScope) -> None:
+        if scope.attempt.unsafe_commits():
+            logger.error(
+                "%s was cancelled after sending a COMMIT: its work may be durable; "
+                "the cancellation is propagated",
+                self._name or "call",
+                extra={"resilient_db_event": "commit_outcome_unknown"},
+            )
+
+    def _log_retry(self, attempt: int, delay: float, exc: BaseException, reason: str) -> None:
+        logger.info(
+            "retrying %s in %.3fs after attempt %d failed: %s",
+            self._name or "call",
+            delay,
+            attempt,
+            reason,
+            extra={
+                "resilient_db_event": "retry_scheduled",
+                "attempt": attempt,
+                "delay": delay,
+                "error_type": type(exc).__name__,
+            },
+        )
+
+
+def _commit_unknown(
+    scope: CallScope, unsafe: list[Any], exc: BaseException
+) -> CommitOutcomeUnknown:
+    ambiguous = [r for r in unsafe if r.status is CommitStatus.AMBIGUOUS]
+    xid = next((r.xid for r in unsafe if r.xid is not None), None)
+    if ambiguous:
+        what = "the COMMIT was interrupted"
+    else:
+        what = "a COMMIT was sent during the attempt and the attempt then failed"
+    return CommitOutcomeUnknown(
+        f"{what} ({type(exc).__name__}: {exc}); its work may be durable, so the unit was "
+        "not retried — make it idempotent (idempotent=True with an idempotency key) or "
+        "verify the outcome (ResilientEngine(verify_commits=True))",
+        xid=xid,
+    )
+
+
+def _resolve_breaker(
+    breaker: BreakerProtocol | str | Literal[False] | _Default,
+) -> BreakerProtocol | None:
+    if isinstance(breaker, _Default):
+        return get_breaker("default")
+    if breaker is False:
+        return None
+    if isinstance(breaker, str):
+        return get_breaker(breaker)
+    if isinstance(breaker, CircuitBreaker):
+        return breaker
+    if callable(getattr(breaker, "acquire", None)) and callable(getattr(breaker, "record", None)):
+        return breaker
+    raise TypeError(
+        "breaker must be a CircuitBreaker (or adapter), the name of a shared breaker, "
+        f"or False; got {breaker!r}"
+    )
+
+
+def _resolve_bulkhead(bulkhead: Bulkhead | int | None) -> Bulkhead | None:
+    if bulkhead is None or isinstance(bulkhead, Bulkhead):
+        return bulkhead
+    if isinstance(bulkhead, int) and not isinstance(bulkhead, bool):
+        return Bulkhead(v.integer("bulkhead", bulkhead, minimum=1))
+    raise TypeError(
+        f"bulkhead must be a Bulkhead, an int (max concurrent calls), or None; got {bulkhead!r}"
+    )
+
+
+def resilient(
+    *,
+    timeout: v.Seconds | None = None,
+    deadline: v.Seconds | None = None,
+    retries: int = 3,
+    backoff: Backoff | Mapping[str, Any] | None = None,
+    breaker: BreakerProtocol | str | Literal[False] | _Default = DEFAULT,
+    bulkhead: Bulkhead | int | None = None,
+    classifier: Classifier | None = None,
+    idempotent: bool = False,
+    retry_budget: RetryBudget | _Default | None = DEFAULT,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    name: str | None = None,
+) -> Policy:
+    """Guard an async repository method with timeouts, retries and a circuit breaker.
+
+    Always called with parentheses and keyword arguments; everything is validated
+    here, at decoration time. See :class:`Policy` for the arguments.
+
+    Example::
+
+        class OrderRepo:
+            @resilient(timeout=2, retries=3)
+            async def place(self, order_id: str, amount: int) -> None:
+                async with self.sessionmaker.begin() as s:
+                    await s.execute(insert(orders).values(id=order_id, amount=amount))
+
+    Each attempt gets 2 s; errors that are safe to retry are retried up to 3 times
+    with jittered exponential backoff; the shared ``"default"`` breaker guards the
+    database; anything else reaches the caller as the original database error.
+    """
+    return Policy(
+        timeout=timeout,
+        deadline=deadline,
+        retries=retries,
+        backoff=backoff,
+        breaker=breaker,
+        bulkhead=bulkhead,
+        classifier=classifier,
+        idempotent=idempotent,
+        retry_budget=retry_budget,
+        clock=clock,
+        sleep=sleep,
+        name=name,
+    )

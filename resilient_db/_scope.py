@@ -1,0 +1,100 @@
+"""The state one guarded call shares with everything it calls, kept in a contextvar.
+
+A :class:`CallScope` carries the call's absolute deadline, so nested decorated calls
+and the engine wrapper share the remaining budget, and an :class:`AttemptState`
+that lower layers (the SQLAlchemy commit tracker, the engine wrapper) fill in while
+an attempt runs, so that the retry decision can see what the attempt did — above
+all, whether it sent a COMMIT.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AttemptState", "CallScope", "CommitRecord", "CommitStatus", "current_scope"]
+
+
+class CommitStatus(enum.Enum):
+    """What is known of one COMMIT sent during an attempt."""
+
+    PENDING = "pending"
+    """Sent; no error seen from it (it may have succeeded, or still be running)."""
+    RETURNED = "returned"
+    """Sent and known to have returned (the connection was used again afterwards)."""
+    REJECTED = "rejected"
+    """The database answered COMMIT with an error: the transaction did not commit."""
+    AMBIGUOUS = "ambiguous"
+    """Failed without an answer (connection lost, cancelled, timed out): may be durable."""
+
+
+@dataclass(slots=True)
+class CommitRecord:
+    """One COMMIT seen during an attempt."""
+
+    connection: object
+    status: CommitStatus = CommitStatus.PENDING
+    error: BaseException | None = None
+    xid: int | None = None
+    """PostgreSQL transaction id, when the engine wrapper captured it."""
+
+
+@dataclass(slots=True)
+class AttemptState:
+    """What one attempt did, filled in by lower layers while it runs."""
+
+    commits: list[CommitRecord] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record_commit(self, connection: object) -> CommitRecord:
+        record = CommitRecord(connection)
+        if self.commits is None:
+            self.commits = [record]
+        else:
+            self.commits.append(record)
+        return record
+
+    def pending_commit(self, connection: object) -> CommitRecord | None:
+        if self.commits is None:
+            return None
+        for record in reversed(self.commits):
+            if record.connection is connection and record.status is CommitStatus.PENDING:
+                return record
+        return None
+
+    def unsafe_commits(self) -> list[CommitRecord]:
+        """Commits that may have taken effect (anything not definitively rejected)."""
+        if self.commits is None:
+            return []
+        return [r for r in self.commits if r.status is not CommitStatus.REJECTED]
+
+
+@dataclass(slots=True)
+class CallScope:
+    """The context of one guarded call (or of a bare :func:`deadline` block)."""
+
+    clock: Callable[[], float]
+    deadline_at: float | None
+    in_call: bool
+    """True inside a guarded call: nested guarded calls must not retry on their own."""
+    attempt: AttemptState = field(default_factory=AttemptState)
+    attempt_number: int = 1
+    guards: tuple[object, ...] = ()
+    """Breakers and bulkheads already applied by enclosing calls (applied once only)."""
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (may be negative), or ``None``."""
+        if self.deadline_at is None:
+            return None
+        return self.deadline_at - self.clock()
+
+
+_SCOPE: ContextVar[CallScope | None] = ContextVar("resilient_db_scope", default=None)
+
+
+def current_scope() -> CallScope | None:
+    """The scope of the guarded call running in this context, if any."""
+    return _SCOPE.get()
