@@ -477,9 +477,26 @@ class Policy:
                 return True, first_reason  # decided already, before building tenacity
             return self._should_retry(scope, exc)
 
+        name = self._name or getattr(fn, "__qualname__", None) or repr(fn)
+
+        def log_retry(attempt: int, delay: float, exc: BaseException, reason: str) -> None:
+            logger.info(
+                "retrying %s in %.3fs after attempt %d failed: %s",
+                name,
+                delay,
+                attempt,
+                reason,
+                extra={
+                    "resilient_db_event": "retry_scheduled",
+                    "attempt": attempt,
+                    "delay": delay,
+                    "error_type": type(exc).__name__,
+                },
+            )
+
         try:
             return await self._retry.run(
-                scope, failure, attempt, should_retry, started=start, on_retry=self._log_retry
+                scope, failure, attempt, should_retry, started=start, on_retry=log_retry
             )
         except BaseException as exc:
             if isinstance(exc, _EXIT_EXCEPTIONS):
@@ -503,21 +520,6 @@ class Policy:
                 self._name or "call",
                 extra={"resilient_db_event": "commit_outcome_unknown"},
             )
-
-    def _log_retry(self, attempt: int, delay: float, exc: BaseException, reason: str) -> None:
-        logger.info(
-            "retrying %s in %.3fs after attempt %d failed: %s",
-            self._name or "call",
-            delay,
-            attempt,
-            reason,
-            extra={
-                "resilient_db_event": "retry_scheduled",
-                "attempt": attempt,
-                "delay": delay,
-                "error_type": type(exc).__name__,
-            },
-        )
 
 
 def _commit_unknown(

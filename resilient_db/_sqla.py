@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from ._classify import is_definitive_rejection
 from ._scope import _SCOPE, CommitStatus
 
-__all__ = ["install_commit_tracking"]
+__all__ = ["install_commit_tracking", "uninstall_commit_tracking"]
 
 _installed = False
 _lock = threading.Lock()
@@ -78,3 +78,16 @@ def install_commit_tracking() -> None:
         event.listen(Engine, "begin", _on_later_use)
         event.listen(Engine, "rollback", _on_later_use)
         _installed = True
+
+
+def uninstall_commit_tracking() -> None:
+    """Remove the listeners (benchmarks use it for a truly raw baseline)."""
+    global _installed
+    with _lock:
+        if not _installed:
+            return
+        event.remove(Engine, "commit", _on_commit)
+        event.remove(Engine, "handle_error", _on_handle_error)
+        event.remove(Engine, "begin", _on_later_use)
+        event.remove(Engine, "rollback", _on_later_use)
+        _installed = False

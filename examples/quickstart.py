@@ -1,0 +1,108 @@
+"""Quickstart: a repository guarded by @resilient, on the embedded SQLite default.
+
+Runs with no database server. Three real faults, and what resilient-db does:
+
+1. another connection holds SQLite's write lock (SQLITE_BUSY): retried, succeeds;
+2. a duplicate order (IntegrityError): raised at once, never retried;
+3. a brown-out (queries slower than their timeout): the breaker opens and the next
+   call is rejected in microseconds, without touching the database.
+
+    python examples/quickstart.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from resilient_db import AttemptTimeout, CircuitBreaker, CircuitOpenError, resilient
+
+breaker = CircuitBreaker("orders-db", failure_threshold=2, reset_timeout=5)
+
+
+class OrderRepo:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.sessions = async_sessionmaker(engine)
+        self.attempts = 0
+
+    @resilient(timeout=2, retries=3, breaker=breaker, backoff={"initial": 0.05})
+    async def place(self, order_id: str, amount: int) -> None:
+        self.attempts += 1
+        async with self.sessions.begin() as s:
+            await s.execute(
+                text("INSERT INTO orders (id, amount) VALUES (:id, :amount)"),
+                {"id": order_id, "amount": amount},
+            )
+
+    @resilient(timeout=0.05, retries=0, breaker=breaker)
+    async def monthly_report(self) -> int:
+        self.attempts += 1
+        async with self.sessions() as s:
+            # A deliberately slow query (about 0.1-0.3 s on a laptop).
+            slow = text(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                "WHERE i < 300000) SELECT count(*) FROM n"
+            )
+            return int((await s.execute(slow)).scalar_one())
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="  log: %(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "orders.db"
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0})
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE orders (id TEXT PRIMARY KEY, amount INT)"))
+        repo = OrderRepo(engine)
+
+        print("1. another connection holds the write lock for 120 ms")
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.12, holder.execute, "COMMIT")
+        repo.attempts = 0
+        await repo.place("o-1", 100)
+        holder.close()
+        print(f"   placed o-1 after {repo.attempts} attempts (SQLITE_BUSY was retried)")
+
+        print("2. the same order again")
+        repo.attempts = 0
+        try:
+            await repo.place("o-1", 100)
+        except sa_exc.IntegrityError as exc:
+            print(f"   {type(exc).__name__} after {repo.attempts} attempt: not retried")
+
+        print("3. a brown-out: reports slower than their 50 ms timeout")
+        for _ in range(3):
+            repo.attempts = 0
+            started = time.perf_counter()
+            try:
+                await repo.monthly_report()
+            except AttemptTimeout as exc:
+                print(f"   timed out ({exc}); breaker is {breaker.state.value}")
+            except CircuitOpenError as exc:
+                took = (time.perf_counter() - started) * 1e6
+                print(
+                    f"   rejected in {took:.0f} us without touching the database "
+                    f"({repo.attempts} attempts): {exc}"
+                )
+        snapshot = breaker.snapshot()
+        print(
+            f"breaker {snapshot.name}: {snapshot.state.value}, "
+            f"retry after {snapshot.retry_after:.1f}s"
+        )
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT count(*) FROM orders"))).scalar_one()
+        print(f"orders in the database: {rows}")
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
