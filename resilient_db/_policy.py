@@ -41,7 +41,7 @@ from .policies.breaker import BreakerOutcome, BreakerProtocol, CircuitBreaker, g
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff, RetryPolicy
-from .policies.timeout import TimeoutPolicy
+from .policies.timeout import ABORT_GRACE, TimeoutPolicy
 
 __all__ = ["Policy", "resilient"]
 
@@ -385,14 +385,25 @@ class Policy:
             if limit is None:
                 result = await fn(*args, **kwargs)
             else:
-                timer = asyncio.timeout(limit)
+                # The attempt timer: when the limit is reached, first abort the driver
+                # I/O in flight (so the driver fails fast instead of SQLAlchemy waiting
+                # on a graceful close), and cancel the task only if nothing was in
+                # flight or the driver did not give up within ABORT_GRACE.
+                attempt = scope.attempt
+                loop = asyncio.get_running_loop()
+                timer = asyncio.timeout(None)
+                watch = loop.call_later(limit, _expire, attempt, timer, loop)
+                attempt.armed += 1
                 try:
                     async with timer:
                         result = await fn(*args, **kwargs)
-                except TimeoutError as exc:
-                    if timer.expired():
+                except BaseException as exc:
+                    if attempt.expired_by is timer and not isinstance(exc, asyncio.CancelledError):
                         raise timeouts.expired(limit, by_deadline, scope.attempt_number) from exc
                     raise
+                finally:
+                    watch.cancel()
+                    attempt.armed -= 1
         except BaseException as exc:
             if breaker is not None:
                 breaker.record(
@@ -520,6 +531,12 @@ class Policy:
                 self._name or "call",
                 extra={"resilient_db_event": "commit_outcome_unknown"},
             )
+
+
+def _expire(attempt: AttemptState, timer: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
+    attempt.expired_by = timer
+    aborted = attempt.abort_inflight()
+    timer.reschedule(loop.time() + (ABORT_GRACE if aborted else 0.0))
 
 
 def _commit_unknown(

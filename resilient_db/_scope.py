@@ -15,7 +15,17 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AttemptState", "CallScope", "CommitRecord", "CommitStatus", "current_scope"]
+__all__ = [
+    "EPOCH_KEY",
+    "AttemptState",
+    "CallScope",
+    "CommitRecord",
+    "CommitStatus",
+    "current_scope",
+]
+
+EPOCH_KEY = "resilient_db.checkout_epoch"
+"""Key in a pool connection record's ``info``: bumped at every checkout and checkin."""
 
 
 class CommitStatus(enum.Enum):
@@ -48,6 +58,39 @@ class AttemptState:
 
     commits: list[CommitRecord] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[int, tuple[dict[Any, Any], int, Any]] | None = None
+    """Driver connections with a statement or COMMIT in flight: id -> (pool record
+    info, checkout epoch, DBAPI connection). See ``_sqla`` and ``_abort``."""
+    armed: int = 0
+    """How many attempt timers currently watch this attempt (nested calls add theirs)."""
+    expired_by: object = None
+    """The timer whose time ran out (set just before it aborts the I/O in flight)."""
+
+    def register_inflight(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
+        if self.inflight is None:
+            self.inflight = {}
+        self.inflight[id(dbapi_connection)] = (info, info.get(EPOCH_KEY, 0), dbapi_connection)
+
+    def unregister_inflight(self, dbapi_connection: Any) -> None:
+        if self.inflight:
+            self.inflight.pop(id(dbapi_connection), None)
+
+    def abort_inflight(self) -> bool:
+        """Abort every driver connection still working for this attempt.
+
+        A connection that went back to the pool since it was registered (its
+        checkout epoch moved) is left alone: it may belong to someone else now.
+        """
+        from ._abort import abort_driver_connection
+
+        if not self.inflight:
+            return False
+        aborted = False
+        for info, epoch, dbapi_connection in list(self.inflight.values()):
+            if info.get(EPOCH_KEY, 0) == epoch and abort_driver_connection(dbapi_connection):
+                aborted = True
+        self.inflight = None
+        return aborted
 
     def record_commit(self, connection: object) -> CommitRecord:
         record = CommitRecord(connection)

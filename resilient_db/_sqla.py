@@ -1,4 +1,5 @@
-"""Watch COMMITs on every SQLAlchemy engine, so retries never repeat committed work.
+"""Watch COMMITs and in-flight statements, so retries never repeat committed work
+and timeouts are hard bounds.
 
 A decorated function is the unit of retry, and the decorator does not see the
 engine it uses. So resilient-db listens, at class level, to three cheap
@@ -16,18 +17,28 @@ and not definitively rejected, unless the caller declared the unit idempotent â€
 this also covers SQLAlchemy 2.1, where ``sessionmaker.begin()`` runs COMMIT to
 completion under a shield and re-raises the cancellation *after* it committed.
 
+Two more listeners fire per statement, and only do work inside an attempt that
+has a time limit: ``before_cursor_execute`` registers the driver connection as
+busy for the attempt, ``after_cursor_execute`` unregisters it. When the attempt's
+time runs out, those connections are aborted at the driver level (see
+``_abort``) instead of waiting for SQLAlchemy's graceful 2-second close. Pool
+``checkout``/``checkin`` bump an epoch in the connection record's ``info`` so that
+a connection that went back to the pool is never aborted on someone else's behalf.
+
 Outside a guarded call the listeners return at once.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
+from sqlalchemy.pool import Pool
 
 from ._classify import is_definitive_rejection
-from ._scope import _SCOPE, CommitStatus
+from ._scope import _SCOPE, EPOCH_KEY, CommitStatus
 
 __all__ = ["install_commit_tracking", "uninstall_commit_tracking"]
 
@@ -35,18 +46,63 @@ _installed = False
 _lock = threading.Lock()
 
 
+def _register(conn: Connection, attempt: Any) -> None:
+    fairy = conn.connection
+    dbapi_connection = fairy.dbapi_connection
+    if dbapi_connection is not None:
+        attempt.register_inflight(dbapi_connection, fairy.info)
+
+
 def _on_commit(conn: Connection) -> None:
     scope = _SCOPE.get()
     if scope is None or not scope.in_call:
         return
     scope.attempt.record_commit(conn)
+    if scope.attempt.armed:
+        _register(conn, scope.attempt)
+
+
+def _on_before_execute(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    scope = _SCOPE.get()
+    if scope is not None and scope.attempt.armed:
+        _register(conn, scope.attempt)
+
+
+def _on_after_execute(
+    conn: Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: Any,
+    executemany: bool,
+) -> None:
+    scope = _SCOPE.get()
+    if scope is not None and scope.attempt.inflight:
+        dbapi_connection = conn.connection.dbapi_connection
+        scope.attempt.unregister_inflight(dbapi_connection)
+
+
+def _bump_epoch(dbapi_connection: Any, record: Any, *proxy: Any) -> None:
+    if record is not None:
+        info = record.info
+        info[EPOCH_KEY] = info.get(EPOCH_KEY, 0) + 1
 
 
 def _on_handle_error(context: ExceptionContext) -> None:
-    if context.statement is not None:
-        return
     scope = _SCOPE.get()
     if scope is None or not scope.in_call:
+        return
+    conn = context.connection
+    if conn is not None and scope.attempt.inflight:
+        scope.attempt.unregister_inflight(conn.connection.dbapi_connection)
+    if context.statement is not None:
         return
     record = scope.attempt.pending_commit(context.connection)
     if record is None:
@@ -65,6 +121,20 @@ def _on_later_use(conn: Connection) -> None:
     record = scope.attempt.pending_commit(conn)
     if record is not None:
         record.status = CommitStatus.RETURNED
+    if scope.attempt.inflight:
+        scope.attempt.unregister_inflight(conn.connection.dbapi_connection)
+
+
+_LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
+    (Engine, "commit", _on_commit),
+    (Engine, "handle_error", _on_handle_error),
+    (Engine, "begin", _on_later_use),
+    (Engine, "rollback", _on_later_use),
+    (Engine, "before_cursor_execute", _on_before_execute),
+    (Engine, "after_cursor_execute", _on_after_execute),
+    (Pool, "checkout", _bump_epoch),
+    (Pool, "checkin", _bump_epoch),
+)
 
 
 def install_commit_tracking() -> None:
@@ -73,10 +143,8 @@ def install_commit_tracking() -> None:
     with _lock:
         if _installed:
             return
-        event.listen(Engine, "commit", _on_commit)
-        event.listen(Engine, "handle_error", _on_handle_error)
-        event.listen(Engine, "begin", _on_later_use)
-        event.listen(Engine, "rollback", _on_later_use)
+        for target, name, fn in _LISTENERS:
+            event.listen(target, name, fn)
         _installed = True
 
 
@@ -86,8 +154,6 @@ def uninstall_commit_tracking() -> None:
     with _lock:
         if not _installed:
             return
-        event.remove(Engine, "commit", _on_commit)
-        event.remove(Engine, "handle_error", _on_handle_error)
-        event.remove(Engine, "begin", _on_later_use)
-        event.remove(Engine, "rollback", _on_later_use)
+        for target, name, fn in _LISTENERS:
+            event.remove(target, name, fn)
         _installed = False

@@ -116,6 +116,21 @@ def test_open_breaker_rejects_with_retry_after() -> None:
     assert info.value.breaker == "db"
 
 
+def test_state_and_acquire_agree_at_the_reset_boundary() -> None:
+    # Found by the model test: 23.1 + 10 - 33.1 and 33.1 - 23.1 round differently.
+    clock = FakeClock()
+    breaker = make(clock)
+    for _ in range(77):
+        clock.advance(0.3)
+    fail(breaker, 3)
+    clock.advance(10.0)
+    if breaker.state is BreakerState.HALF_OPEN:
+        breaker.acquire()
+    else:
+        with pytest.raises(CircuitOpenError):
+            breaker.acquire()
+
+
 async def test_open_breaker_rejects_without_calling_the_function() -> None:
     clock = FakeClock()
     breaker = make(clock)

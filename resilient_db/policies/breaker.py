@@ -288,9 +288,10 @@ class CircuitBreaker:
             if self._forced:
                 raise CircuitOpenError(self.name, None)
             now = self._clock()
-            remaining = self._opened_at + self.reset_timeout - now
-            if remaining > 0:
-                raise CircuitOpenError(self.name, remaining)
+            elapsed = now - self._opened_at
+            # Same comparison as the `state` property, so both always agree.
+            if elapsed < self.reset_timeout:
+                raise CircuitOpenError(self.name, self.reset_timeout - elapsed)
             self._transition(BreakerState.HALF_OPEN, "reset timeout elapsed", now)
         if self._probes >= self.half_open_max_calls:
             raise CircuitOpenError(self.name, None)
@@ -366,7 +367,7 @@ class CircuitBreaker:
         state = self.state
         retry_after: float | None = None
         if state is BreakerState.OPEN and not self._forced:
-            retry_after = max(0.0, self._opened_at + self.reset_timeout - now)
+            retry_after = max(0.0, self.reset_timeout - (now - self._opened_at))
         return BreakerSnapshot(
             name=self.name,
             state=state,

@@ -26,7 +26,14 @@ from .. import _validate as v
 from .._errors import AttemptTimeout, DeadlineExceeded, TimeoutExceeded
 from .._scope import _SCOPE, CallScope
 
-__all__ = ["TimeoutPolicy", "deadline", "remaining_time"]
+__all__ = ["ABORT_GRACE", "TimeoutPolicy", "deadline", "remaining_time"]
+
+ABORT_GRACE = 0.1
+"""Seconds a timed-out attempt gives an aborted driver to fail on its own before the
+task is cancelled. When the limit is reached, statements in flight are aborted at
+the driver level (asyncpg: CancelRequest + terminate; aiosqlite: interrupt), which
+usually surfaces the error within milliseconds; the documented bound on when the
+caller gets its timeout error is ``limit + ABORT_GRACE``."""
 
 
 @dataclass(frozen=True, slots=True)
