@@ -315,15 +315,27 @@ def _is_lost_connection(exc: BaseException) -> bool:
             and item.errno in _CONNECTION_ERRNOS
         ):
             return True
-        text = str(item)
-        cls_name = type(item).__name__
-        # asyncpg raises InterfaceError("connection is closed") *before* sending
-        # anything on a connection it knows to be dead; sqlite3 says this of a closed
-        # handle. Both mean: get a fresh connection.
-        if cls_name in ("InterfaceError", "ProgrammingError") and (
-            "connection is closed" in text or "closed database" in text
-        ):
+        if _closed_before_sending(item):
             return True
+        if type(item).__name__ == "ProgrammingError" and "closed database" in str(item):
+            return True  # sqlite3 on a closed handle
+    return False
+
+
+def _closed_before_sending(item: BaseException) -> bool:
+    """The driver refused to send anything because it knows the connection is dead.
+
+    asyncpg raises ``InterfaceError("connection is closed")`` before writing to the
+    socket; aiosqlite raises ``ValueError("no active connection" / "Connection
+    closed")`` before queueing work for its thread (SQLAlchemy re-raises those as
+    ``sqlite3.OperationalError``). Either way nothing reached the database.
+    """
+    name = type(item).__name__
+    text = str(item).lower()
+    if name == "InterfaceError":
+        return "connection is closed" in text
+    if name in ("ValueError", "OperationalError"):
+        return text in ("no active connection", "connection closed")
     return False
 
 
@@ -400,15 +412,13 @@ def is_definitive_rejection(exc: BaseException) -> bool:
     Used for COMMIT: an ErrorResponse to COMMIT (a serialization failure detected at
     commit, a deferred constraint) means the transaction was rolled back. A lost
     connection, a cancellation or a timeout during COMMIT means nobody knows.
-    asyncpg's "connection is closed" is raised before anything is sent, so it is
-    definitive too.
+    A driver that refused to send anything on a dead connection (asyncpg's
+    "connection is closed", aiosqlite's "no active connection") is definitive too.
     """
     if isinstance(exc, (*_EXIT_EXCEPTIONS, TimeoutError)):
         return False
-    for item in _chain(exc):
-        if type(item).__name__ == "InterfaceError" and "connection is closed" in str(item):
-            # asyncpg checks this before writing to the socket.
-            return True
+    if any(_closed_before_sending(item) for item in _chain(exc)):
+        return True
     verdict = classify(exc)
     if verdict.category in (ErrorCategory.CONNECTION, ErrorCategory.TIMEOUT):
         return False

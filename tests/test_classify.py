@@ -146,3 +146,25 @@ def test_find_sqlstate_walks_the_cause_chain() -> None:
 
 def test_every_rule_key_is_a_sqlstate_or_a_class() -> None:
     assert all(len(key) in (2, 5) for key in SQLSTATE_RULES)
+
+
+@pytest.mark.parametrize("message", ["no active connection", "Connection closed"])
+def test_aiosqlite_closed_connection_is_lost_and_nothing_was_sent(message: str) -> None:
+    from resilient_db._classify import is_definitive_rejection
+
+    orig = sqlite3.OperationalError(message)
+    orig.__cause__ = ValueError(message)
+    error = sa_exc.OperationalError("COMMIT", {}, orig, connection_invalidated=True)
+    assert classify(error).category is ErrorCategory.CONNECTION
+    assert is_definitive_rejection(error)
+
+
+def test_asyncpg_connection_closed_before_sending_is_a_definitive_rejection() -> None:
+    from resilient_db._classify import is_definitive_rejection
+
+    orig = asyncpg.exceptions.InterfaceError("connection is closed")
+    assert is_definitive_rejection(sa_exc.InterfaceError("COMMIT", {}, orig))
+    lost = asyncpg.exceptions.ConnectionDoesNotExistError(
+        "connection was closed in the middle of operation"
+    )
+    assert not is_definitive_rejection(sa_exc.DBAPIError("COMMIT", {}, lost))
