@@ -21,6 +21,14 @@ from ._classify import (
     find_sqlite_code,
     find_sqlstate,
 )
+from ._engine import (
+    GuardedConnection,
+    GuardedSession,
+    ResilientEngine,
+    ResilientSessionmaker,
+    is_read_only,
+    resilient_engine,
+)
 from ._errors import (
     AttemptTimeout,
     BulkheadFull,
@@ -71,8 +79,12 @@ __all__ = [
     "DEFAULT",
     "DeadlineExceeded",
     "ErrorCategory",
+    "GuardedConnection",
+    "GuardedSession",
     "Policy",
     "ResilienceError",
+    "ResilientEngine",
+    "ResilientSessionmaker",
     "RetryBudget",
     "Rule",
     "SQLITE_RULES",
@@ -84,7 +96,9 @@ __all__ = [
     "find_sqlite_code",
     "find_sqlstate",
     "get_breaker",
+    "is_read_only",
     "registered_breakers",
     "remaining_time",
     "resilient",
+    "resilient_engine",
 ]

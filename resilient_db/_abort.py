@@ -48,9 +48,15 @@ def _cancel_request_target(driver: Any) -> dict[str, Any] | None:
     """
     try:
         protocol = driver._protocol
+        params = driver._params
+        if driver._transport.get_extra_info("sslcontext") is None and params.ssl is not None:
+            # The connection itself is plain (sslmode=prefer fell back, or no SSL):
+            # send the CancelRequest plain too, rather than start an SSL negotiation
+            # that a frozen server would leave hanging.
+            params = params._replace(ssl=None)
         return {
             "addr": driver._addr,
-            "params": driver._params,
+            "params": params,
             "backend_pid": protocol.backend_pid,
             "backend_secret": protocol.backend_secret,
         }

@@ -222,6 +222,33 @@ class Policy:
 
         return policy_from_toml(path, table=table, **overrides)
 
+    def _derive(self, *, retries: int | None = None, idempotent: bool | None = None) -> Policy:
+        """A copy sharing breaker, bulkhead, budget and clocks, with other retry settings."""
+        clone = object.__new__(Policy)
+        for slot in Policy.__slots__:
+            object.__setattr__(clone, slot, getattr(self, slot))
+        if retries is not None:
+            clone._retry = RetryPolicy(
+                retries=retries,
+                backoff=self._retry.backoff,
+                budget=self._retry.budget,
+                clock=self._retry.clock,
+                sleep=self._retry.sleep,
+            )
+        if idempotent is not None:
+            clone.idempotent = idempotent
+        return clone
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The monotonic clock this policy measures time with."""
+        return self._clock
+
+    @property
+    def classifier(self) -> Classifier | None:
+        """The user classifier, if any."""
+        return self._classifier
+
     # -- introspection -------------------------------------------------------------------
 
     @property
@@ -393,7 +420,15 @@ class Policy:
                 loop = asyncio.get_running_loop()
                 timer = asyncio.timeout(None)
                 watch = loop.call_later(limit, _expire, attempt, timer, loop)
+                outer_deadline = attempt.deadline_at
+                ends = start + limit
+                if outer_deadline is None or ends < outer_deadline:
+                    attempt.deadline_at = ends
                 attempt.armed += 1
+                if attempt.timers is None:
+                    attempt.timers = [timer]
+                else:
+                    attempt.timers.append(timer)
                 try:
                     async with timer:
                         result = await fn(*args, **kwargs)
@@ -404,6 +439,8 @@ class Policy:
                 finally:
                     watch.cancel()
                     attempt.armed -= 1
+                    attempt.deadline_at = outer_deadline
+                    attempt.timers.remove(timer)
         except BaseException as exc:
             if breaker is not None:
                 breaker.record(

@@ -9,6 +9,7 @@ all, whether it sent a COMMIT.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -65,6 +66,19 @@ class AttemptState:
     """How many attempt timers currently watch this attempt (nested calls add theirs)."""
     expired_by: object = None
     """The timer whose time ran out (set just before it aborts the I/O in flight)."""
+    deadline_at: float | None = None
+    """When the nearest armed timer runs out (policy clock), for server-side timeouts."""
+    timers: list[Any] | None = None
+    """The ``asyncio.Timeout`` objects of the armed timers (see :meth:`disarm`)."""
+
+    def disarm(self) -> None:
+        """Stop the armed timers from cancelling the task (used while a COMMIT's
+        outcome is being verified: that has a budget of its own)."""
+        for timer in self.timers or ():
+            # A timer that already fired cannot be stopped; the cancellation it sent
+            # then ends the verification like any other cancellation.
+            with contextlib.suppress(RuntimeError):
+                timer.reschedule(None)
 
     def register_inflight(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
         if self.inflight is None:

@@ -25,11 +25,16 @@ time runs out, those connections are aborted at the driver level (see
 ``checkout``/``checkin`` bump an epoch in the connection record's ``info`` so that
 a connection that went back to the pool is never aborted on someone else's behalf.
 
+Inside a guarded call, a 25006 (read-only transaction) on a write is turned into a
+disconnect for SQLAlchemy, which then invalidates the whole pool: after a
+failover, the pool must stop handing out connections to the demoted primary.
+
 Outside a guarded call the listeners return at once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any
 
@@ -37,10 +42,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.pool import Pool
 
-from ._classify import is_definitive_rejection
+from ._classify import find_sqlstate, is_definitive_rejection
 from ._scope import _SCOPE, EPOCH_KEY, CommitStatus
 
 __all__ = ["install_commit_tracking", "uninstall_commit_tracking"]
+
+logger = logging.getLogger("resilient_db")
 
 _installed = False
 _lock = threading.Lock()
@@ -99,6 +106,17 @@ def _on_handle_error(context: ExceptionContext) -> None:
     scope = _SCOPE.get()
     if scope is None or not scope.in_call:
         return
+    if not context.is_disconnect and find_sqlstate(context.original_exception) == "25006":
+        # A write refused as read-only: the pool probably points at a demoted primary
+        # after a failover. Treat it as a disconnect, so that SQLAlchemy invalidates
+        # this connection and every other one of its generation in the pool (each is
+        # closed and replaced at its next checkout, in its own loop).
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = True
+        logger.warning(
+            "write refused by a read-only server (25006): invalidating the pool",
+            extra={"resilient_db_event": "failover"},
+        )
     conn = context.connection
     if conn is not None and scope.attempt.inflight:
         scope.attempt.unregister_inflight(conn.connection.dbapi_connection)

@@ -1,0 +1,900 @@
+"""``ResilientEngine``: wrap an existing ``AsyncEngine`` so every statement is guarded.
+
+What it adds on top of the policies (see ``docs/transactions.md``):
+
+* **Retry at the right granularity.** Inside a unit of work (``run_transaction``, or
+  a ``@resilient`` function) statements are never retried alone: the unit retries,
+  with a fresh session per attempt. Outside a unit, a statement that opens a new
+  transaction may be retried on its own if it is read-only (a ``SELECT`` without
+  ``FOR UPDATE``) or marked ``execution_options(idempotent=True)``; anything else
+  runs once, under the timeout and the breaker.
+* **Ambiguous commits.** With ``verify_commits=True`` on PostgreSQL, the transaction
+  id is read just before COMMIT (``pg_current_xact_id_if_assigned()``: ``NULL`` for a
+  read-only transaction, which is then safe to retry) and, when the COMMIT fails
+  without an answer, ``pg_xact_status(xid)`` is asked on a fresh connection:
+  committed → success, aborted → safe to retry, anything else →
+  ``CommitOutcomeUnknown``.
+* **Deadlines reach the server.** An explicit transaction on PostgreSQL gets
+  ``set_config('statement_timeout', ..., true)`` (the ``SET LOCAL`` form, which
+  never leaks to the next checkout) from the remaining time minus a margin — only
+  when that is shorter than the server's own setting, to save the round trip.
+* **Cancellation safety, failover, pools, event loops, streaming**: see the class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+from sqlalchemy import Select, TextClause, text
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncResult,
+    AsyncSession,
+    AsyncSessionTransaction,
+    async_sessionmaker,
+)
+
+from . import _validate as v
+from ._abort import abort_driver_connection, pending_cancel_requests
+from ._classify import Classifier, resolve
+from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
+from ._policy import DEFAULT, Policy, _Default
+from ._scope import _SCOPE, CallScope, CommitRecord, CommitStatus
+from .policies.breaker import BreakerProtocol, get_breaker
+from .policies.budget import RetryBudget
+from .policies.bulkhead import Bulkhead
+from .policies.retry import Backoff
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
+__all__ = [
+    "GuardedConnection",
+    "is_read_only",
+    "GuardedSession",
+    "ResilientEngine",
+    "ResilientSessionmaker",
+    "resilient_engine",
+]
+
+logger = logging.getLogger("resilient_db")
+
+T = TypeVar("T")
+
+_EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+_READ_ONLY_SQL = re.compile(r"^\s*(select|with|show|values|table|explain)\b", re.IGNORECASE)
+_WRITES_SQL = re.compile(
+    r"\b(insert|update|delete|merge|nextval|setval|pg_advisory\w*|lock|for\s+update|"
+    r"for\s+share|for\s+no\s+key\s+update|for\s+key\s+share|into)\b",
+    re.IGNORECASE,
+)
+
+
+def is_read_only(statement: Any, execution_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether a statement may be retried on its own (read-only, or declared idempotent)."""
+    if execution_options and execution_options.get("idempotent") is True:
+        return True
+    options = getattr(statement, "_execution_options", None)
+    if options and options.get("idempotent") is True:
+        return True
+    if isinstance(statement, Select):
+        return statement._for_update_arg is None
+    if isinstance(statement, TextClause):
+        sql = statement.text
+    elif isinstance(statement, str):
+        sql = statement
+    else:
+        return False
+    return bool(_READ_ONLY_SQL.match(sql)) and not _WRITES_SQL.search(sql)
+
+
+def _engine_name(url: URL) -> str:
+    host = url.host or ""
+    port = f":{url.port}" if url.port else ""
+    return f"{url.get_backend_name()}://{host}{port}/{url.database or ''}"
+
+
+class _LoopState:
+    """The engine a given event loop uses, and the hook that disposes it at loop shutdown."""
+
+    __slots__ = ("engine", "guard", "loop", "primary")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine, primary: bool):
+        self.loop = loop
+        self.engine = engine
+        self.primary = primary
+        self.guard: Any = None
+
+
+class ResilientEngine:
+    """Wrap an existing ``AsyncEngine``: timeouts, retries, breaker, commit safety.
+
+    The engine is not taken over: it keeps working on its own, and
+    :attr:`engine` gives it back.
+
+    Args:
+        engine: the ``AsyncEngine`` to wrap (asyncpg or aiosqlite; SQLAlchemy 2.0/2.1).
+        policy: a prebuilt :class:`Policy`; or give the policy arguments below.
+        timeout, deadline, retries, backoff, breaker, bulkhead, classifier,
+        retry_budget, idempotent: as for :class:`Policy`. ``timeout`` bounds one
+            attempt of a unit of work, or one statement outside units. The default
+            breaker is the shared breaker named after the database
+            (``postgresql://host:port/db``).
+        verify_commits: on PostgreSQL, resolve ambiguous COMMITs with
+            ``pg_xact_status`` (one extra round trip per write transaction).
+        server_timeouts: send the remaining time to PostgreSQL as a transaction-local
+            ``statement_timeout`` for explicit transactions.
+        server_timeout_margin: how much earlier than the client the server should
+            give up, so that its clean 57014 error wins the race (seconds).
+        lock_timeout: a transaction-local ``lock_timeout`` for explicit transactions.
+        pool_bulkhead: fail fast with :class:`BulkheadFull` instead of waiting for a
+            connection when all ``pool_size + max_overflow`` connections are in use.
+        verify_timeout: how long to keep asking ``pg_xact_status`` while the
+            transaction is still ``in progress``.
+
+    Example::
+
+        engine = create_async_engine("postgresql+asyncpg://...", pool_pre_ping=True)
+        db = ResilientEngine(engine, timeout=2, retries=3, verify_commits=True)
+
+        async with db.connect() as conn:
+            rows = (await conn.execute(select(users))).all()
+
+        Session = db.sessionmaker(expire_on_commit=False)
+        result = await db.run_transaction(transfer, src, dst, amount)
+    """
+
+    _session_class: type[GuardedSession]
+    _connection_class: type[GuardedConnection]
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        policy: Policy | None = None,
+        timeout: v.Seconds | None = None,
+        deadline: v.Seconds | None = None,
+        retries: int = 3,
+        backoff: Backoff | Mapping[str, Any] | None = None,
+        breaker: BreakerProtocol | str | Literal[False] | _Default = DEFAULT,
+        bulkhead: Bulkhead | int | None = None,
+        classifier: Classifier | None = None,
+        retry_budget: RetryBudget | _Default | None = DEFAULT,
+        idempotent: bool = False,
+        verify_commits: bool = False,
+        server_timeouts: bool = True,
+        server_timeout_margin: v.Seconds = 0.05,
+        lock_timeout: v.Seconds | None = None,
+        pool_bulkhead: bool = False,
+        verify_timeout: v.Seconds = 5.0,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(f"engine must be a sqlalchemy AsyncEngine; got {engine!r}")
+        self._engine = engine
+        if policy is not None:
+            if not isinstance(policy, Policy):
+                raise TypeError(f"policy must be a Policy; got {policy!r}")
+            self._unit = policy
+        else:
+            if isinstance(breaker, _Default):
+                breaker = get_breaker(_engine_name(engine.url))
+            self._unit = Policy(
+                timeout=timeout,
+                deadline=deadline,
+                retries=retries,
+                backoff=backoff,
+                breaker=breaker,
+                bulkhead=bulkhead,
+                classifier=classifier,
+                retry_budget=retry_budget,
+                idempotent=idempotent,
+                name=name,
+            )
+        self._read = self._unit._derive(idempotent=True)
+        self._once = self._unit._derive(retries=0)
+        self.verify_commits = v.boolean("verify_commits", verify_commits)
+        self.server_timeouts = v.boolean("server_timeouts", server_timeouts)
+        self.server_timeout_margin = v.required_seconds(
+            "server_timeout_margin", server_timeout_margin, allow_zero=True
+        )
+        self.lock_timeout = v.seconds("lock_timeout", lock_timeout, allow_none=True)
+        self.pool_bulkhead = v.boolean("pool_bulkhead", pool_bulkhead)
+        self.verify_timeout = v.required_seconds("verify_timeout", verify_timeout)
+        self._is_pg = engine.dialect.name == "postgresql"
+        self._server_statement_timeout_ms: int | None = None
+        self._loops: dict[int, _LoopState] = {}
+        self._last: _LoopState | None = None
+        self._session_class = type("GuardedSession", (GuardedSession,), {"_db": self})
+        self._connection_class = type("GuardedConnection", (GuardedConnection,), {"_db": self})
+        self._default_maker: ResilientSessionmaker | None = None
+
+    # -- what it wraps -------------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The wrapped engine, as given."""
+        return self._engine
+
+    @property
+    def policy(self) -> Policy:
+        """The policy units of work run under."""
+        return self._unit
+
+    def engine_for_loop(self) -> AsyncEngine:
+        """The engine (and pool) used by the running event loop.
+
+        The first loop to use this wrapper gets the wrapped engine itself; another
+        loop running at the same time gets a copy with its own pool (same dialect,
+        URL, pool settings and event listeners). Each loop's pool is disposed from
+        inside that loop when it shuts down (``asyncio.run``, ``asyncio.Runner`` and
+        pytest-asyncio all call ``shutdown_asyncgens``), so no connection outlives
+        its loop.
+        """
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last.loop is loop:
+            return last.engine
+        state = self._loops.get(id(loop))
+        if state is None or state.loop is not loop:
+            state = self._attach(loop)
+        self._last = state
+        return state.engine
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
+        primary_taken = any(s.primary for s in self._loops.values())
+        if primary_taken:
+            sync = copy.copy(self._engine.sync_engine)
+            sync.pool = self._engine.sync_engine.pool.recreate()
+            state = _LoopState(loop, AsyncEngine(sync), primary=False)
+        else:
+            state = _LoopState(loop, self._engine, primary=True)
+        self._loops[id(loop)] = state
+        guard = self._loop_guard(state)
+        state.guard = guard
+        # Start the generator so that the loop's asyncgen hooks register it; the loop
+        # finalizes it in shutdown_asyncgens(), which runs our cleanup in that loop.
+        step: Any = guard.__anext__()
+        with suppress(StopIteration):
+            step.send(None)
+        return state
+
+    async def _loop_guard(self, state: _LoopState) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if self._loops.get(id(state.loop)) is state:
+                del self._loops[id(state.loop)]
+            if self._last is state:
+                self._last = None
+            await _drain_cancel_requests()
+            await state.engine.dispose()
+
+    # -- connections -----------------------------------------------------------------------
+
+    def connect(self) -> GuardedConnection:
+        """A guarded connection: ``async with db.connect() as conn: ...``.
+
+        Checking out is guarded too (timeout, breaker counts connect failures,
+        retried: connecting is idempotent).
+        """
+        return self._connection_class(self.engine_for_loop())
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[GuardedConnection]:
+        """A guarded connection in a transaction, committed on exit.
+
+        The transaction gets the server-side deadline. If COMMIT fails without an
+        answer, the outcome is verified (``verify_commits=True``) or
+        :class:`CommitOutcomeUnknown` is raised. Not retried: the block cannot be run
+        again — use :meth:`run_transaction` for that.
+        """
+        conn = self.connect()
+        async with conn:
+            await AsyncConnection.begin(conn)
+            conn._server_timeouts_pending = self.server_timeouts and self._is_pg
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction():
+                    await AsyncConnection.rollback(conn)
+                raise
+            await conn.commit()
+
+    def sessionmaker(self, **kw: Any) -> ResilientSessionmaker:
+        """An ``async_sessionmaker`` whose sessions are guarded and bound per event loop."""
+        if "bind" in kw:
+            raise TypeError("sessionmaker() binds the wrapped engine itself; do not pass bind")
+        return ResilientSessionmaker(self, **kw)
+
+    def session(self, **kw: Any) -> GuardedSession:
+        """A guarded session (``async with db.session() as s: ...``)."""
+        if kw:
+            return self.sessionmaker(**kw)()
+        if self._default_maker is None:
+            self._default_maker = self.sessionmaker()
+        return self._default_maker()
+
+    async def run_transaction(
+        self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any
+    ) -> T:
+        """Run ``fn(session, *args, **kwargs)`` as one unit of work, retried as a whole.
+
+        Each attempt gets a fresh session in a fresh transaction (with the server-side
+        deadline), and commits after ``fn`` returns. A retryable failure retries the
+        whole unit; a COMMIT that may have taken effect is verified
+        (``verify_commits=True``) or reported as :class:`CommitOutcomeUnknown`,
+        never blindly retried — unless the engine was built with ``idempotent=True``.
+        """
+        return await self._unit.call(self._transaction_attempt, fn, args, kwargs)
+
+    async def _transaction_attempt(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        self._check_pool_capacity()
+        session = self.session()
+        try:
+            # Leaving the block closes the session, which rolls back whatever is left.
+            async with session:
+                await session.begin()
+                result = await fn(session, *args, **kwargs)
+                await session.commit()
+                return result
+        except BaseException as exc:
+            translated = self._translate(exc)
+            if translated is not exc:
+                raise translated from exc
+            raise
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        statement: Any,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[AsyncResult[Any]]:
+        """Stream a large result through the policy, without loading it into memory.
+
+        Opening the stream is retried like any read-only statement. The deadline (or
+        the timeout) covers the whole stream: when it runs out, the connection is
+        aborted and iteration raises the timeout error. Leaving the block early or
+        being cancelled mid-stream invalidates the connection like any cancellation.
+        """
+        async with self.connect() as conn:
+            result = await conn.stream(statement, parameters, execution_options=execution_options)
+            limit = self._current_limit()
+            scope = _SCOPE.get()
+            by_deadline = scope is not None and scope.deadline_at is not None
+            loop = asyncio.get_running_loop()
+            expired = False
+            watch = None
+            raw = await AsyncConnection.get_raw_connection(conn)
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                abort_driver_connection(raw.dbapi_connection)
+
+            if limit is not None:
+                watch = loop.call_later(limit, expire)
+            try:
+                yield result
+            except BaseException as exc:
+                if expired and not _is_exit(exc):
+                    raise self._once._timeouts.expired(limit or 0.0, by_deadline, 1) from exc
+                if _is_exit(exc) or isinstance(exc, GeneratorExit):
+                    # Abandoned mid-stream: the cursor is open and the server may still
+                    # be sending; do not try to drain it, drop the connection.
+                    abort_driver_connection(raw.dbapi_connection)
+                    await AsyncConnection.invalidate(conn)
+                raise
+            finally:
+                if watch is not None:
+                    watch.cancel()
+                if not raw.is_valid or expired:
+                    await AsyncConnection.invalidate(conn)
+                else:
+                    await result.close()
+
+    async def dispose(self) -> None:
+        """Close the pooled connections of the running loop's engine.
+
+        Other loops' pools are disposed by their own loops at shutdown.
+        """
+        await _drain_cancel_requests()
+        await self.engine_for_loop().dispose()
+
+    # -- guards ---------------------------------------------------------------------------
+
+    async def _guard(
+        self,
+        owner: GuardedConnection | GuardedSession,
+        statement: Any,
+        read_only: bool,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> T:
+        task = asyncio.current_task()
+        busy = owner._busy
+        if busy is not None and busy is not task:
+            raise ConcurrentSessionUse(
+                f"this {type(owner).__name__} is already running an operation in another "
+                "task; a connection runs one statement at a time: share the engine "
+                "(or the sessionmaker), not the session"
+            )
+        owner._busy = task
+        try:
+            if owner._server_timeouts_pending and not _sets_transaction(statement):
+                owner._server_timeouts_pending = False
+                await self._apply_server_timeouts(await _connection_of(owner))
+            scope = _SCOPE.get()
+            if scope is not None and scope.in_call:
+                # Inside a unit of work: the unit's attempt timer bounds the statement
+                # and the unit retries as a whole.
+                return await fn(*args, **kwargs)
+            fresh = not _in_transaction(owner)
+            if fresh and isinstance(owner, AsyncSession):
+                self._check_pool_capacity()  # this statement will check a connection out
+            if read_only and fresh:
+                return await self._read.call(_retry_alone, owner, fn, args, kwargs)
+            return await self._once.call(fn, *args, **kwargs)
+        except BaseException as exc:
+            translated = self._translate(exc)
+            if translated is not exc:
+                raise translated from exc
+            raise
+        finally:
+            owner._busy = busy
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """A 57014 caused by the statement_timeout *we* sent is our timeout error."""
+        if _is_exit(exc) or self._server_statement_timeout_ms is None:
+            return exc
+        verdict = resolve(self._unit.classifier, exc)
+        if verdict.sqlstate != "57014" or "statement timeout" not in str(exc):
+            return exc
+        limit = self._current_limit()
+        default = self._server_statement_timeout_ms
+        if limit is None or (default != 0 and default <= limit * 1000):
+            return exc  # the server's own statement_timeout: not ours to rename
+        scope = _SCOPE.get()
+        by_deadline = (
+            scope is not None
+            and scope.deadline_at is not None
+            and (scope.attempt.deadline_at or 0.0) >= scope.deadline_at - 1e-3
+        )
+        timeouts = self._unit._timeouts
+        configured = timeouts.deadline if by_deadline else timeouts.timeout
+        error = timeouts.expired(
+            configured or limit, by_deadline, scope.attempt_number if scope else 1
+        )
+        error.add_note("resilient_db: PostgreSQL ended the statement (57014) at the deadline")
+        return error
+
+    def _check_pool_capacity(self) -> None:
+        if not self.pool_bulkhead:
+            return
+        pool = self.engine_for_loop().sync_engine.pool
+        size = getattr(pool, "size", None)
+        if not callable(size):
+            return
+        capacity = int(size()) + max(0, int(getattr(pool, "_max_overflow", 0)))
+        checked_out = pool.checkedout()  # type: ignore[attr-defined]
+        if checked_out >= capacity:
+            raise BulkheadFull(
+                f"pool of {_engine_name(self._engine.url)}",
+                capacity,
+                0,
+                f"all {capacity} connections are checked out",
+            )
+
+    def _current_limit(self) -> float | None:
+        """Seconds the current statement or transaction may still run, if bounded."""
+        scope = _SCOPE.get()
+        if scope is not None:
+            attempt_deadline = scope.attempt.deadline_at
+            if attempt_deadline is not None:
+                return max(0.0, attempt_deadline - scope.clock())
+            remaining = scope.remaining()
+            if remaining is not None:
+                return max(0.0, remaining)
+        return self._once.timeout
+
+    async def _server_default_ms(self, conn: AsyncConnection) -> int:
+        if self._server_statement_timeout_ms is None:
+            result = await AsyncConnection.exec_driver_sql(
+                conn, "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"
+            )
+            self._server_statement_timeout_ms = int(result.scalar_one())
+        return self._server_statement_timeout_ms
+
+    async def _apply_server_timeouts(self, conn: AsyncConnection) -> None:
+        """Send the remaining time to PostgreSQL for this transaction only."""
+        if not (self.server_timeouts and self._is_pg):
+            return
+        settings: list[tuple[str, str]] = []
+        limit = self._current_limit()
+        if limit is not None:
+            margin = min(self.server_timeout_margin, limit / 2)
+            ms = max(1, int((limit - margin) * 1000))
+            default = await self._server_default_ms(conn)
+            if default == 0 or ms < default:
+                settings.append(("statement_timeout", f"{ms}ms"))
+        if self.lock_timeout is not None:
+            settings.append(("lock_timeout", f"{max(1, int(self.lock_timeout * 1000))}ms"))
+        if not settings:
+            return
+        calls = ", ".join(
+            f"set_config('{name}', ${i + 1}, true)" for i, (name, _) in enumerate(settings)
+        )
+        await AsyncConnection.exec_driver_sql(
+            conn, f"SELECT {calls}", tuple(value for _, value in settings)
+        )
+
+    async def _commit(self, owner: Any, raw_commit: Callable[[], Awaitable[None]]) -> None:
+        """COMMIT with its outcome tracked, verified when asked, never silently lost."""
+        scope = _SCOPE.get()
+        token = None
+        if scope is None or not scope.in_call:
+            # A commit outside any unit of work: track it in a scope of its own.
+            scope = CallScope(self._unit.clock, None, True)
+            token = _SCOPE.set(scope)
+        attempt = scope.attempt
+        before = len(attempt.commits) if attempt.commits else 0
+        xid: int | None = None
+        try:
+            if owner._server_timeouts_pending:
+                owner._server_timeouts_pending = False
+                await self._apply_server_timeouts(await _connection_of(owner))
+            if self.verify_commits and self._is_pg and _in_transaction(owner):
+                xid = await self._capture_xid(owner)
+            if token is not None:
+                await self._once.call(raw_commit)
+            else:
+                await raw_commit()
+        except BaseException as exc:
+            records = (attempt.commits or [])[before:]
+            await self._settle_commit(owner, exc, records, xid, standalone=token is not None)
+        finally:
+            if token is not None:
+                _SCOPE.reset(token)
+
+    async def _capture_xid(self, owner: Any) -> int | None:
+        if isinstance(owner, AsyncSession):
+            conn = await AsyncSession.connection(owner)
+        else:
+            conn = owner
+        result = await AsyncConnection.exec_driver_sql(
+            conn, "SELECT pg_current_xact_id_if_assigned()::text"
+        )
+        value = result.scalar_one_or_none()
+        return None if value is None else int(value)
+
+    async def _settle_commit(
+        self,
+        owner: Any,
+        exc: BaseException,
+        records: list[CommitRecord],
+        xid: int | None,
+        *,
+        standalone: bool,
+    ) -> None:
+        unsafe = [r for r in records if r.status is not CommitStatus.REJECTED]
+        if not unsafe or _is_exit(exc):
+            raise exc
+        if self.verify_commits and self._is_pg:
+            if xid is None:
+                # Nothing was written in this transaction: there is nothing to lose
+                # or to duplicate, so the COMMIT's fate does not matter.
+                for record in unsafe:
+                    record.status = CommitStatus.REJECTED
+                raise exc
+            for record in unsafe:
+                record.xid = xid
+            status = await self._verify(xid)
+            if status == "committed":
+                for record in unsafe:
+                    record.status = CommitStatus.RETURNED
+                logger.warning(
+                    "COMMIT of transaction %d failed (%s) but the server says it "
+                    "committed: treated as a success",
+                    xid,
+                    type(exc).__name__,
+                    extra={"resilient_db_event": "commit_verified", "xid": xid},
+                )
+                await _reset_after_verified_commit(owner)
+                return
+            if status == "aborted":
+                for record in unsafe:
+                    record.status = CommitStatus.REJECTED
+                raise exc
+            raise CommitOutcomeUnknown(
+                f"COMMIT of transaction {xid} failed ({type(exc).__name__}: {exc}) and the "
+                f"server reports it as {status!r}: it may still commit; not retried",
+                xid=xid,
+                status=status,
+            ) from exc
+        if standalone:
+            raise CommitOutcomeUnknown(
+                f"the COMMIT was interrupted ({type(exc).__name__}: {exc}); its work may be "
+                "durable. Verify it (ResilientEngine(verify_commits=True)) or make the unit "
+                "idempotent",
+            ) from exc
+        raise exc
+
+    async def _verify(self, xid: int) -> str:
+        """Ask ``pg_xact_status`` on a fresh connection, while it says ``in progress``."""
+        scope = _SCOPE.get()
+        if scope is not None:
+            scope.attempt.disarm()
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.verify_timeout
+        status = "unknown"
+        delay = 0.05
+        query = text("SELECT pg_xact_status(CAST(:xid AS xid8))")
+        while True:
+            try:
+                async with asyncio.timeout(max(0.05, min(1.0, ends - loop.time()))):
+                    async with self.engine_for_loop().connect() as conn:
+                        value = (await conn.execute(query, {"xid": xid})).scalar()
+                status = str(value) if value is not None else "unknown"
+            except (OSError, TimeoutError) as error:
+                logger.debug("verifying transaction %d: %r", xid, error)
+                status = "unknown"
+            except Exception as error:
+                if resolve(None, error).category.value not in ("connection", "timeout"):
+                    raise
+                status = "unknown"
+            if status in ("committed", "aborted") or loop.time() + delay >= ends:
+                return status
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+async def _reset_after_verified_commit(owner: Any) -> None:
+    """The COMMIT went through although the driver failed: clear the broken
+    transaction so the session/connection can go on (its objects are detached)."""
+    if isinstance(owner, AsyncSession):
+        owner.expunge_all()
+        await AsyncSession.rollback(owner)
+    elif isinstance(owner, AsyncConnection) and owner.in_transaction():
+        await AsyncConnection.rollback(owner)
+
+
+async def _retry_alone(
+    owner: Any, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    """One attempt of a statement retried on its own (it opened its transaction)."""
+    if _in_transaction(owner):
+        # A previous attempt failed and left its (single-statement) transaction
+        # aborted, or its connection invalidated: start clean.
+        if isinstance(owner, AsyncSession):
+            await AsyncSession.rollback(owner)
+        else:
+            await AsyncConnection.rollback(owner)
+    return await fn(*args, **kwargs)
+
+
+_SET_TRANSACTION = re.compile(r"^\s*set\s+transaction\b", re.IGNORECASE)
+
+
+def _sets_transaction(statement: Any) -> bool:
+    if isinstance(statement, TextClause):
+        return bool(_SET_TRANSACTION.match(statement.text))
+    return isinstance(statement, str) and bool(_SET_TRANSACTION.match(statement))
+
+
+async def _connection_of(owner: Any) -> AsyncConnection:
+    if isinstance(owner, AsyncSession):
+        return await AsyncSession.connection(owner)
+    return owner  # type: ignore[no-any-return]
+
+
+def _in_transaction(owner: Any) -> bool:
+    if isinstance(owner, AsyncConnection) and owner.sync_connection is None:
+        return False
+    return bool(owner.in_transaction())
+
+
+def _is_exit(exc: BaseException | None) -> bool:
+    return isinstance(exc, _EXIT_EXCEPTIONS)
+
+
+async def _drain_cancel_requests() -> None:
+    pending = [t for t in pending_cancel_requests() if t.get_loop() is asyncio.get_running_loop()]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+class GuardedConnection(AsyncConnection):
+    """An ``AsyncConnection`` whose statements run under the engine's policy."""
+
+    _db: ClassVar[ResilientEngine]
+    _busy: asyncio.Task[Any] | None = None
+    _server_timeouts_pending: bool = False
+
+    if not TYPE_CHECKING:
+
+        async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
+            db = self._db
+            scope = _SCOPE.get()
+            if scope is not None and scope.in_call:
+                return await AsyncConnection.start(self, is_ctxmanager)
+            db._check_pool_capacity()
+            return await db._read.call(AsyncConnection.start, self, is_ctxmanager)
+
+        async def execute(self, statement, parameters=None, *, execution_options=None):
+            return await self._db._guard(
+                self,
+                statement,
+                is_read_only(statement, execution_options),
+                AsyncConnection.execute,
+                self,
+                statement,
+                parameters,
+                execution_options=execution_options,
+            )
+
+        async def exec_driver_sql(self, statement, parameters=None, execution_options=None):
+            return await self._db._guard(
+                self,
+                statement,
+                is_read_only(statement, execution_options),
+                AsyncConnection.exec_driver_sql,
+                self,
+                statement,
+                parameters,
+                execution_options,
+            )
+
+        async def stream(self, statement, parameters=None, *, execution_options=None):
+            return await self._db._guard(
+                self,
+                statement,
+                is_read_only(statement, execution_options),
+                AsyncConnection.stream,
+                self,
+                statement,
+                parameters,
+                execution_options=execution_options,
+            )
+
+        async def commit(self) -> None:
+            await self._db._commit(self, lambda: AsyncConnection.commit(self))
+
+
+class _GuardedSessionTransaction(AsyncSessionTransaction):
+    """Applies the server-side deadline when an explicit transaction starts, and
+    routes its COMMIT through the engine's tracking."""
+
+    if not TYPE_CHECKING:
+
+        async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
+            await AsyncSessionTransaction.start(self, is_ctxmanager)
+            session = self.session
+            if not self.nested and isinstance(session, GuardedSession):
+                # Sent just before the first statement that is not SET TRANSACTION
+                # (which PostgreSQL only accepts before any query).
+                db = session._db
+                session._server_timeouts_pending = db.server_timeouts and db._is_pg
+            return self
+
+        async def commit(self) -> None:
+            session = self.session
+            if self.nested or not isinstance(session, GuardedSession):
+                await AsyncSessionTransaction.commit(self)
+                return
+            await session._db._commit(session, lambda: AsyncSessionTransaction.commit(self))
+
+        async def __aexit__(self, type_, value, traceback) -> None:
+            if type_ is None and not self.nested and self.is_active:
+                await self.commit()
+                return
+            await AsyncSessionTransaction.__aexit__(self, type_, value, traceback)
+
+
+class GuardedSession(AsyncSession):
+    """An ``AsyncSession`` whose statements and COMMITs run under the engine's policy."""
+
+    _db: ClassVar[ResilientEngine]
+    _busy: asyncio.Task[Any] | None = None
+    _server_timeouts_pending: bool = False
+
+    if not TYPE_CHECKING:
+
+        def begin(self) -> AsyncSessionTransaction:
+            return _GuardedSessionTransaction(self)
+
+        async def execute(self, statement, params=None, *, execution_options=None, **kw):
+            options = execution_options or {}
+            return await self._db._guard(
+                self,
+                statement,
+                is_read_only(statement, options),
+                AsyncSession.execute,
+                self,
+                statement,
+                params,
+                execution_options=options,
+                **kw,
+            )
+
+        async def scalar(self, statement, params=None, *, execution_options=None, **kw):
+            options = execution_options or {}
+            return await self._db._guard(
+                self,
+                statement,
+                is_read_only(statement, options),
+                AsyncSession.scalar,
+                self,
+                statement,
+                params,
+                execution_options=options,
+                **kw,
+            )
+
+        async def stream(self, statement, params=None, *, execution_options=None, **kw):
+            options = execution_options or {}
+            return await self._db._guard(
+                self,
+                statement,
+                is_read_only(statement, options),
+                AsyncSession.stream,
+                self,
+                statement,
+                params,
+                execution_options=options,
+                **kw,
+            )
+
+        async def get(self, *args, **kw):
+            return await self._db._guard(self, None, True, AsyncSession.get, self, *args, **kw)
+
+        async def get_one(self, *args, **kw):
+            return await self._db._guard(self, None, True, AsyncSession.get_one, self, *args, **kw)
+
+        async def refresh(self, *args, **kw):
+            return await self._db._guard(self, None, True, AsyncSession.refresh, self, *args, **kw)
+
+        async def flush(self, *args, **kw):
+            return await self._db._guard(self, None, False, AsyncSession.flush, self, *args, **kw)
+
+        async def merge(self, *args, **kw):
+            return await self._db._guard(self, None, False, AsyncSession.merge, self, *args, **kw)
+
+        async def delete(self, *args, **kw):
+            return await self._db._guard(self, None, False, AsyncSession.delete, self, *args, **kw)
+
+        async def commit(self) -> None:
+            if not self.in_transaction():
+                return
+            await self._db._commit(self, lambda: AsyncSession.commit(self))
+
+
+class ResilientSessionmaker(async_sessionmaker[GuardedSession]):
+    """An ``async_sessionmaker`` making guarded sessions bound to the running loop's engine."""
+
+    def __init__(self, db: ResilientEngine, **kw: Any) -> None:
+        self._db = db
+        super().__init__(None, class_=db._session_class, **kw)
+
+    def __call__(self, **local_kw: Any) -> GuardedSession:
+        local_kw.setdefault("bind", self._db.engine_for_loop())
+        return super().__call__(**local_kw)
+
+
+def resilient_engine(
+    engine: AsyncEngine, policy: Policy | None = None, **kwargs: Any
+) -> ResilientEngine:
+    """``ResilientEngine(engine, policy=policy, **kwargs)``, for symmetry with ``@policy``."""
+    return ResilientEngine(engine, policy=policy, **kwargs)

@@ -1,0 +1,558 @@
+"""ResilientEngine on a real PostgreSQL: witnesses from the database side."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import Witness
+from sqlalchemy import event, select, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from resilient_db import (
+    AttemptTimeout,
+    BulkheadFull,
+    CircuitBreaker,
+    CommitOutcomeUnknown,
+    ConcurrentSessionUse,
+    DeadlineExceeded,
+    ResilientEngine,
+    TimeoutExceeded,
+    resilient,
+)
+from resilient_db.chaos import ChaosProxy, DropCommitAck
+from resilient_db.testing import set_testing
+
+pytestmark = pytest.mark.postgres
+
+FAST = {"initial": 0.001, "max": 0.01}
+
+
+@pytest.fixture
+async def ledger(pg_engine: AsyncEngine) -> AsyncEngine:
+    async with pg_engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS ledger"))
+        await conn.execute(text("CREATE TABLE ledger (key text PRIMARY KEY, amount int)"))
+        await conn.execute(text("DROP TABLE IF EXISTS accounts"))
+        await conn.execute(text("CREATE TABLE accounts (id int PRIMARY KEY, balance int)"))
+        await conn.execute(
+            text("INSERT INTO accounts SELECT g, 100 FROM generate_series(1, 5) AS g")
+        )
+    return pg_engine
+
+
+def count_statements(engine: AsyncEngine) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    return seen
+
+
+async def backend_pid(db: ResilientEngine) -> int:
+    async with db.connect() as conn:
+        return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+# -- retry granularity ---------------------------------------------------------------------
+
+
+async def test_a_read_outside_a_transaction_is_retried_alone(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    old = await backend_pid(db)
+    await witness.terminate(old)
+    await witness.wait_sessions(0)
+    async with db.connect() as conn:
+        balance = (await conn.execute(text("SELECT balance FROM accounts WHERE id = 1"))).scalar()
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+    assert balance == 100
+    assert pid != old
+
+
+async def test_a_write_outside_a_transaction_is_not_retried_alone(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    await witness.terminate(await backend_pid(db))
+    await witness.wait_sessions(0)
+    async with db.connect() as conn:
+        with pytest.raises(sa_exc.DBAPIError):
+            await conn.execute(text("INSERT INTO ledger VALUES ('w', 1)"))
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 0
+
+
+async def test_an_idempotent_write_may_be_retried_alone(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    await witness.terminate(await backend_pid(db))
+    await witness.wait_sessions(0)
+    upsert = text("INSERT INTO ledger VALUES ('w', 1) ON CONFLICT DO NOTHING").execution_options(
+        idempotent=True
+    )
+    async with db.connect() as conn:
+        await conn.execute(upsert)
+        await conn.commit()
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+
+
+async def test_a_statement_inside_a_transaction_is_never_retried_alone(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    async with db.connect() as conn:
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await witness.terminate(pid)
+        await witness.wait_sessions(0)
+        await asyncio.sleep(0.05)
+        seen = count_statements(ledger)
+        with pytest.raises(sa_exc.DBAPIError):
+            await conn.execute(text("SELECT balance FROM accounts WHERE id = 1"))
+        assert len(seen) == 1
+
+
+async def test_killed_mid_transaction_before_commit_retries_the_unit_once(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=10, retries=3, backoff=FAST, breaker=False)
+    attempts = 0
+
+    async def book(session: AsyncSession, key: str) -> str:
+        nonlocal attempts
+        attempts += 1
+        await session.execute(text("INSERT INTO ledger VALUES (:k, 10)"), {"k": key})
+        if attempts == 1:
+            pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await witness.terminate(pid)
+            await witness.wait_sessions(0)
+            await asyncio.sleep(0.05)
+            await session.execute(text("SELECT 1"))
+        return key
+
+    assert await db.run_transaction(book, "k1") == "k1"
+    assert attempts == 2
+    assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'k1'") == 1
+
+
+async def test_only_the_outermost_unit_retries(ledger: AsyncEngine) -> None:
+    db = ResilientEngine(ledger, timeout=10, retries=3, backoff=FAST, breaker=False)
+    inner_calls = 0
+
+    async def flaky(session: AsyncSession) -> None:
+        nonlocal inner_calls
+        inner_calls += 1
+        if inner_calls == 1:
+            raise ConnectionResetError("blip")
+
+    @resilient(retries=2, breaker=False)
+    async def outer() -> None:
+        await db.run_transaction(flaky)
+
+    with set_testing():
+        await outer()
+    assert inner_calls == 2  # one outer retry, no inner retries on top
+
+
+# -- ambiguous commits ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(pg_url: str) -> Any:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    with ChaosProxy(f"{url.host}:{url.port or 5432}") as running:
+        yield running
+
+
+@pytest.fixture
+async def proxied(
+    proxy: ChaosProxy, pg_url: str, ledger: AsyncEngine
+) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(proxy.proxied_url(pg_url))
+    yield engine
+    await engine.dispose()
+
+
+async def book(session: AsyncSession, key: str) -> str:
+    await session.execute(text("INSERT INTO ledger VALUES (:k, 10)"), {"k": key})
+    return f"booked {key}"
+
+
+async def test_lost_commit_ack_without_verification_is_not_retried(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    db = ResilientEngine(proxied, timeout=10, retries=3, backoff=FAST, breaker=False)
+    proxy.add_toxic(DropCommitAck(count=1))
+    with pytest.raises(CommitOutcomeUnknown):
+        await db.run_transaction(book, "pay-1")
+    assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'pay-1'") == 1
+
+
+async def test_lost_commit_ack_is_verified_as_committed(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    db = ResilientEngine(
+        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
+    )
+    proxy.add_toxic(DropCommitAck(count=1))
+    assert await db.run_transaction(book, "pay-2") == "booked pay-2"
+    assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'pay-2'") == 1
+
+
+async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
+    proxied: AsyncEngine, proxy: ChaosProxy
+) -> None:
+    db = ResilientEngine(
+        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
+    )
+    attempts = 0
+
+    async def read(session: AsyncSession) -> int:
+        nonlocal attempts
+        attempts += 1
+        return int((await session.execute(text("SELECT count(*) FROM accounts"))).scalar_one())
+
+    proxy.add_toxic(DropCommitAck(count=1))
+    assert await db.run_transaction(read) == 5
+    assert attempts == 2
+
+
+async def test_lost_commit_ack_in_a_decorated_unit_with_sessions(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    db = ResilientEngine(proxied, timeout=10, retries=3, breaker=False, verify_commits=True)
+    sessions = db.sessionmaker()
+
+    @resilient(timeout=10, retries=3, breaker=False)
+    async def place(key: str) -> str:
+        async with sessions.begin() as s:
+            await s.execute(text("INSERT INTO ledger VALUES (:k, 1)"), {"k": key})
+        return "placed"
+
+    proxy.add_toxic(DropCommitAck(count=1))
+    assert await place("o-1") == "placed"
+    assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'o-1'") == 1
+
+
+async def test_300_random_cancellations_leave_no_session_and_no_duplicate(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False, verify_commits=True)
+    rng = random.Random(7)
+    acknowledged: set[str] = set()
+
+    async def unit(n: int) -> None:
+        key = f"c{n}"
+        await db.run_transaction(book, key)
+        acknowledged.add(key)
+
+    for batch in range(30):
+        tasks = [asyncio.ensure_future(unit(batch * 10 + i)) for i in range(10)]
+        await asyncio.sleep(rng.uniform(0, 0.02))
+        for task in tasks:
+            if rng.random() < 0.8:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
+    rows = {r["key"] for r in await witness.conn.fetch("SELECT key FROM ledger")}
+    assert acknowledged <= rows  # acknowledged writes are all there
+    assert rows <= {f"c{n}" for n in range(300)}  # nothing else
+    assert len(acknowledged) < 300  # the cancellations did bite
+    sessions = await witness.other_sessions()
+    assert all(s["state"] == "idle" for s in sessions)  # pooled, none idle in transaction
+    await db.dispose()
+    assert await witness.wait_sessions(0) == []
+
+
+# -- deadlines reach the server ----------------------------------------------------------
+
+
+async def test_server_ends_a_statement_past_the_deadline_and_the_connection_is_kept(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False)
+    before = await backend_pid(db)
+
+    async def sleepy(session: AsyncSession) -> None:
+        await session.execute(text("SELECT pg_sleep(5)"))
+
+    with pytest.raises(AttemptTimeout) as info:
+        await db.run_transaction(sleepy)
+    assert "57014" in repr(info.value.__cause__) or "statement timeout" in str(info.value.__cause__)
+    assert await backend_pid(db) == before  # the server ended it cleanly: same connection
+
+
+async def test_frozen_server_the_client_gives_up_in_time_and_replaces_the_connection(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
+    before = await backend_pid(db)
+    proxy.half_open()
+    started = time.monotonic()
+    with pytest.raises(TimeoutExceeded):
+        await db.run_transaction(book, "frozen")
+    elapsed = time.monotonic() - started
+    proxy.half_open(False)
+    assert elapsed < 1.5  # bound: 0.5 + ABORT_GRACE; a plain asyncio.timeout takes 2.5 s
+    assert await backend_pid(db) != before
+
+
+async def test_transaction_local_settings_do_not_leak_to_the_next_checkout(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=2, retries=0, breaker=False, lock_timeout=0.5)
+    async with db.begin() as conn:
+        inside = (await conn.execute(text("SHOW statement_timeout"))).scalar()
+        locks = (await conn.execute(text("SHOW lock_timeout"))).scalar()
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+    async with db.connect() as conn:
+        after = (await conn.execute(text("SHOW statement_timeout"))).scalar()
+        locks_after = (await conn.execute(text("SHOW lock_timeout"))).scalar()
+        same = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar() == pid
+    assert (inside, locks) == ("1950ms", "500ms")
+    assert same  # the very same pooled connection...
+    assert (after, locks_after) == ("0", "0")  # ...without the transaction's settings
+
+
+async def test_no_server_round_trip_when_the_server_default_is_tighter(
+    ledger: AsyncEngine, pg_url: str
+) -> None:
+    strict = create_async_engine(
+        pg_url, connect_args={"server_settings": {"statement_timeout": "1000"}}
+    )
+    db = ResilientEngine(strict, timeout=30, retries=0, breaker=False)
+    seen = count_statements(strict)
+    async with db.begin() as conn:
+        await conn.execute(text("SELECT 1"))
+    await strict.dispose()
+    assert not any("set_config" in s for s in seen)
+
+
+# -- the breaker, pools, failover, loops, concurrency -----------------------------------
+
+
+async def test_an_open_breaker_sends_nothing_to_the_database(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    breaker = CircuitBreaker("ledger-db")
+    db = ResilientEngine(ledger, timeout=2, breaker=breaker)
+    await ledger.dispose()
+    seen = count_statements(ledger)
+    breaker.force_open()
+    for _ in range(20):
+        with pytest.raises(Exception, match="open"):
+            await db.run_transaction(book, "never")
+        with pytest.raises(Exception, match="open"):
+            async with db.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+    assert seen == []  # the same count as with no calls at all
+    assert await witness.other_sessions() == []  # not even a connection was opened
+
+
+async def test_a_read_only_refusal_empties_the_pool(ledger: AsyncEngine, witness: Witness) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    async with db.connect() as a, db.connect() as b:  # two pooled connections
+        old = {
+            (await a.execute(text("SELECT pg_backend_pid()"))).scalar(),
+            (await b.execute(text("SELECT pg_backend_pid()"))).scalar(),
+        }
+    attempts = 0
+
+    async def write(session: AsyncSession) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await session.execute(text("SET TRANSACTION READ ONLY"))  # a demoted primary
+        await session.execute(text("INSERT INTO ledger VALUES ('fo', 1)"))
+
+    await db.run_transaction(write)
+    assert attempts == 2
+    async with db.connect() as a, db.connect() as b:
+        new = {
+            (await a.execute(text("SELECT pg_backend_pid()"))).scalar(),
+            (await b.execute(text("SELECT pg_backend_pid()"))).scalar(),
+        }
+    assert old.isdisjoint(new)  # every connection of the old generation was replaced
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+
+
+async def test_pool_exhaustion_is_not_retried(pg_url: str) -> None:
+    engine = create_async_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    db = ResilientEngine(engine, timeout=5, retries=3, breaker=CircuitBreaker("pool-test"))
+
+    async with engine.connect() as hog:
+        await hog.execute(text("SELECT 1"))
+        with pytest.raises(sa_exc.TimeoutError) as info:
+            await db.run_transaction(book, "never")
+    await engine.dispose()
+    assert not getattr(info.value, "__notes__", [])  # a retried error carries the attempts note
+    assert db.policy.breaker is not None
+    assert db.policy.breaker.snapshot().consecutive_failures == 0  # type: ignore[attr-defined]
+
+
+async def test_pool_bulkhead_fails_fast_instead_of_waiting(pg_url: str) -> None:
+    engine = create_async_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=30)
+    db = ResilientEngine(engine, timeout=5, breaker=False, pool_bulkhead=True)
+    async with db.connect() as hog:
+        await hog.execute(text("SELECT 1"))
+        started = time.monotonic()
+        with pytest.raises(BulkheadFull):
+            await db.run_transaction(book, "x")
+        assert time.monotonic() - started < 1.0  # not the 30 s pool_timeout
+    await engine.dispose()
+
+
+async def test_one_session_used_by_two_tasks_gets_a_clear_error(ledger: AsyncEngine) -> None:
+    db = ResilientEngine(ledger, timeout=5, breaker=False)
+    async with db.session() as session:
+        first = asyncio.ensure_future(session.execute(text("SELECT pg_sleep(0.3)")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConcurrentSessionUse, match="share the engine"):
+            await session.execute(text("SELECT 1"))
+        await first
+
+
+async def test_a_serializable_conflict_converges_and_money_is_conserved(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    # Heavy contention on purpose: conflicts are retried as often as it takes, so no
+    # retry budget here (a budget is for outages, where retries add load to a sick server).
+    db = ResilientEngine(
+        ledger, timeout=10, retries=30, backoff=FAST, breaker=False, retry_budget=None
+    )
+    rng = random.Random(3)
+
+    async def transfer(session: AsyncSession, src: int, dst: int, amount: int) -> None:
+        await session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+        total = (await session.execute(text("SELECT sum(balance) FROM accounts"))).scalar_one()
+        assert total == 500
+        await session.execute(
+            text("UPDATE accounts SET balance = balance - :a WHERE id = :s"),
+            {"a": amount, "s": src},
+        )
+        await session.execute(
+            text("UPDATE accounts SET balance = balance + :a WHERE id = :d"),
+            {"a": amount, "d": dst},
+        )
+
+    pairs = [rng.sample(range(1, 6), 2) for _ in range(20)]
+    with set_testing():
+        await asyncio.gather(*(db.run_transaction(transfer, s, d, 1) for s, d in pairs))
+    assert await witness.scalar("SELECT sum(balance) FROM accounts") == 500
+
+
+async def test_the_same_engine_works_from_a_second_event_loop(pg_url: str, tmp_path: Any) -> None:
+    import sys
+
+    script = tmp_path / "two_loops.py"
+    script.write_text(
+        "import asyncio\n"
+        "from sqlalchemy import text\n"
+        "from sqlalchemy.ext.asyncio import create_async_engine\n"
+        "from resilient_db import ResilientEngine\n"
+        f"db = ResilientEngine(create_async_engine({pg_url!r}), timeout=5, breaker=False)\n"
+        "async def once():\n"
+        "    async with db.connect() as conn:\n"
+        "        return (await conn.execute(text('SELECT 41 + 1'))).scalar()\n"
+        "print(asyncio.run(once()), asyncio.run(once()))\n"
+        "async def both():\n"
+        "    return await once()\n"
+        "print(asyncio.run(both()))\n"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "error",
+        "-X",
+        "dev",
+        str(script),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert stdout.decode().split() == ["42", "42", "42"]
+    assert stderr == b""  # no "attached to a different loop", no "Event loop is closed"
+
+
+# -- streaming -----------------------------------------------------------------------------
+
+
+async def test_a_stream_yields_rows_without_loading_them_all(ledger: AsyncEngine) -> None:
+    db = ResilientEngine(ledger, timeout=10, breaker=False)
+    seen = 0
+    async with db.stream(
+        text("SELECT g FROM generate_series(1, 100000) AS g"),
+        execution_options={"yield_per": 100},
+    ) as rows:
+        async for _row in rows:
+            seen += 1
+            if seen == 150:
+                break
+    assert seen == 150
+    assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_the_deadline_covers_the_whole_stream(ledger: AsyncEngine, witness: Witness) -> None:
+    db = ResilientEngine(ledger, timeout=0.3, breaker=False)
+
+    async def slow_consumer() -> None:
+        async with db.stream(
+            text("SELECT g FROM generate_series(1, 100000) AS g"),
+            execution_options={"yield_per": 10},
+        ) as rows:
+            async for _ in rows:
+                await asyncio.sleep(0.01)
+
+    started = time.monotonic()
+    with pytest.raises((AttemptTimeout, DeadlineExceeded)):
+        await slow_consumer()
+    assert time.monotonic() - started < 2.0
+    assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
+    sessions = await witness.wait_sessions(0)
+    assert [s for s in sessions if s["state"] != "idle"] == []
+
+
+async def test_cancelling_mid_stream_cleans_up(ledger: AsyncEngine, witness: Witness) -> None:
+    db = ResilientEngine(ledger, timeout=30, breaker=False)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with db.stream(
+            text("SELECT g FROM generate_series(1, 1000000) AS g"),
+            execution_options={"yield_per": 10},
+        ) as rows:
+            async for _ in rows:
+                started.set()
+                await asyncio.sleep(0.001)
+
+    task = asyncio.ensure_future(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
+    sessions = await witness.wait_sessions(0)
+    assert [s for s in sessions if s["state"] != "idle"] == []
+
+
+async def test_select_statements_are_detected_as_read_only() -> None:
+    from resilient_db import is_read_only
+
+    assert is_read_only(select(text("1")))
+    assert not is_read_only(select(text("1")).with_for_update())
+    assert is_read_only(text("WITH x AS (SELECT 1) SELECT * FROM x"))
+    assert not is_read_only(text("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"))
+    assert not is_read_only(text("SELECT nextval('s')"))
+    assert not is_read_only(text("UPDATE t SET x = 1"))
+    assert is_read_only(text("UPDATE t SET x = 1").execution_options(idempotent=True))
