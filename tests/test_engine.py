@@ -469,6 +469,11 @@ async def test_the_same_engine_works_from_a_second_event_loop(pg_url: str, tmp_p
         "    return await once()\n"
         "print(asyncio.run(both()))\n"
     )
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-W",
@@ -478,6 +483,7 @@ async def test_the_same_engine_works_from_a_second_event_loop(pg_url: str, tmp_p
         str(script),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()
