@@ -1,10 +1,12 @@
 """Quickstart: a repository guarded by @resilient, on the embedded SQLite default.
 
-Runs with no database server. Three real faults, and what resilient-db does:
+Runs with no database server. Four faults, and what resilient-db does:
 
 1. another connection holds SQLite's write lock (SQLITE_BUSY): retried, succeeds;
-2. a duplicate order (IntegrityError): raised at once, never retried;
-3. a brown-out (queries slower than their timeout): the breaker opens and the next
+2. injected disconnects (the in-process fault injector really closes the driver
+   connection): retried on a fresh connection, succeeds;
+3. a duplicate order (IntegrityError): raised at once, never retried;
+4. a brown-out (queries slower than their timeout): the breaker opens and the next
    call is rejected in microseconds, without touching the database.
 
     python examples/quickstart.py
@@ -24,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from resilient_db import AttemptTimeout, CircuitBreaker, CircuitOpenError, resilient
+from resilient_db.chaos import FaultInjector, disconnect
 
 breaker = CircuitBreaker("orders-db", failure_threshold=2, reset_timeout=5)
 
@@ -72,14 +75,22 @@ async def main() -> None:
         holder.close()
         print(f"   placed o-1 after {repo.attempts} attempts (SQLITE_BUSY was retried)")
 
-        print("2. the same order again")
+        print("2. the connection drops under the next statement (injected)")
+        drops = disconnect(rate=1.0, when=lambda op: op.ordinal == 1)
+        repo.attempts = 0
+        with FaultInjector(engine, drops, seed=1) as injector:
+            await repo.place("o-2", 250)
+        dropped = injector.counts.get("disconnect", 0)
+        print(f"   placed o-2 after {repo.attempts} attempts ({dropped} dropped connection)")
+
+        print("3. the same order again")
         repo.attempts = 0
         try:
             await repo.place("o-1", 100)
         except sa_exc.IntegrityError as exc:
             print(f"   {type(exc).__name__} after {repo.attempts} attempt: not retried")
 
-        print("3. a brown-out: reports slower than their 50 ms timeout")
+        print("4. a brown-out: reports slower than their 50 ms timeout")
         for _ in range(3):
             repo.attempts = 0
             started = time.perf_counter()
