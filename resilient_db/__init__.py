@@ -8,8 +8,12 @@ from here::
 
     @resilient(timeout=2, retries=3)
     async def place(order_id: str, amount: int) -> None: ...
+
+Spans, metrics and correlation IDs for every operation, attempt, retry and breaker
+transition come with it: see ``docs/observability.md``.
 """
 
+from ._asgi import CorrelationIdMiddleware
 from ._classify import (
     SQLITE_RULES,
     SQLSTATE_RULES,
@@ -21,6 +25,7 @@ from ._classify import (
     find_sqlite_code,
     find_sqlstate,
 )
+from ._correlation import correlation_context, current_correlation_id
 from ._engine import (
     GuardedConnection,
     GuardedSession,
@@ -39,6 +44,25 @@ from ._errors import (
     ResilienceError,
     TimeoutExceeded,
 )
+from ._instrument import (
+    AttemptEnded,
+    AttemptStarted,
+    BreakerRejected,
+    CommitOutcome,
+    DatabaseTarget,
+    InstrumentationEvent,
+    InstrumentationHook,
+    OperationEnded,
+    OperationStarted,
+    RetryScheduled,
+    UnknownCommitOutcome,
+    get_instrumentation,
+    refresh_instrumentation,
+    set_instrumentation,
+)
+from ._logging import CorrelationIdFilter, LoggingInstrumentation
+from ._looplag import EventLoopLagProbe
+from ._otel import OpenTelemetryInstrumentation, metric_views
 from ._policy import DEFAULT, Policy, resilient
 from ._version import __version__
 from .policies.aiobreaker_adapter import AiobreakerAdapter
@@ -60,11 +84,14 @@ from .policies.timeout import deadline, remaining_time
 
 __all__ = [
     "AiobreakerAdapter",
+    "AttemptEnded",
+    "AttemptStarted",
     "AttemptTimeout",
     "Backoff",
     "BreakerListener",
     "BreakerOutcome",
     "BreakerProtocol",
+    "BreakerRejected",
     "BreakerSnapshot",
     "BreakerState",
     "BreakerTransition",
@@ -74,31 +101,50 @@ __all__ = [
     "CircuitOpenError",
     "Classification",
     "Classifier",
+    "CommitOutcome",
     "CommitOutcomeUnknown",
     "ConcurrentSessionUse",
+    "CorrelationIdFilter",
+    "CorrelationIdMiddleware",
     "DEFAULT",
+    "DatabaseTarget",
     "DeadlineExceeded",
     "ErrorCategory",
+    "EventLoopLagProbe",
     "GuardedConnection",
     "GuardedSession",
+    "InstrumentationEvent",
+    "InstrumentationHook",
+    "LoggingInstrumentation",
+    "OpenTelemetryInstrumentation",
+    "OperationEnded",
+    "OperationStarted",
     "Policy",
     "ResilienceError",
     "ResilientEngine",
     "ResilientSessionmaker",
     "RetryBudget",
+    "RetryScheduled",
     "Rule",
     "SQLITE_RULES",
     "SQLSTATE_RULES",
     "TimeoutExceeded",
+    "UnknownCommitOutcome",
     "__version__",
     "classify",
+    "correlation_context",
+    "current_correlation_id",
     "deadline",
     "find_sqlite_code",
     "find_sqlstate",
     "get_breaker",
+    "get_instrumentation",
     "is_read_only",
+    "metric_views",
+    "refresh_instrumentation",
     "registered_breakers",
     "remaining_time",
     "resilient",
     "resilient_engine",
+    "set_instrumentation",
 ]

@@ -18,6 +18,11 @@ What it adds on top of the policies (see ``docs/transactions.md``):
   ``set_config('statement_timeout', ..., true)`` (the ``SET LOCAL`` form, which
   never leaks to the next checkout) from the remaining time minus a margin — only
   when that is shorter than the server's own setting, to save the round trip.
+* **Correlation IDs reach the server** (opt-in): ``correlation_in_application_name``
+  adds ``set_config('application_name', <id>, true)`` to that same statement, so the
+  ID shows in ``pg_stat_activity`` and the server's logs for the transaction only;
+  ``sql_comment`` appends a sqlcommenter comment to every statement instead (costly
+  with asyncpg: see ``docs/observability.md``).
 * **Cancellation safety, failover, pools, event loops, streaming**: see the class.
 """
 
@@ -30,8 +35,10 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from urllib.parse import quote
 
-from sqlalchemy import Select, TextClause, text
+from opentelemetry import trace
+from sqlalchemy import Select, TextClause, event, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -41,10 +48,13 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
+from . import _instrument
 from . import _validate as v
 from ._abort import abort_driver_connection, pending_cancel_requests
 from ._classify import Classifier, resolve
+from ._correlation import _lookup
 from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
+from ._instrument import _STATE, DatabaseTarget, _Operation
 from ._policy import DEFAULT, Policy, _Default
 from ._scope import _SCOPE, CallScope, CommitRecord, CommitStatus
 from .policies.breaker import BreakerProtocol, get_breaker
@@ -139,6 +149,19 @@ class ResilientEngine:
             connection when all ``pool_size + max_overflow`` connections are in use.
         verify_timeout: how long to keep asking ``pg_xact_status`` while the
             transaction is still ``in progress``.
+        correlation_in_application_name: on PostgreSQL, set ``application_name`` to
+            the correlation ID for each explicit transaction, with
+            ``set_config('application_name', ..., true)`` (transaction-local: gone
+            after COMMIT or ROLLBACK; never session-level). Sent in the same
+            statement as the server-side timeouts; visible in ``pg_stat_activity``
+            and in server logs (``%a`` in ``log_line_prefix``).
+        application_name_prefix: put before the ID (e.g. ``"orders-api "``); the
+            result is cut to PostgreSQL's 63 bytes, the ID's end going first.
+        sql_comment: append a sqlcommenter comment (``correlation_id``,
+            ``traceparent``) to every statement of the wrapped engine. Off by
+            default: asyncpg then prepares every statement anew (its statement
+            cache is keyed by the SQL text), which roughly doubles the latency of
+            short queries — see ``docs/observability.md``.
 
     Example::
 
@@ -176,6 +199,9 @@ class ResilientEngine:
         pool_bulkhead: bool = False,
         verify_timeout: v.Seconds = 5.0,
         name: str | None = None,
+        correlation_in_application_name: bool = False,
+        application_name_prefix: str = "",
+        sql_comment: bool = False,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise TypeError(f"engine must be a sqlalchemy AsyncEngine; got {engine!r}")
@@ -209,13 +235,28 @@ class ResilientEngine:
         self.lock_timeout = v.seconds("lock_timeout", lock_timeout, allow_none=True)
         self.pool_bulkhead = v.boolean("pool_bulkhead", pool_bulkhead)
         self.verify_timeout = v.required_seconds("verify_timeout", verify_timeout)
+        self.correlation_in_application_name = v.boolean(
+            "correlation_in_application_name", correlation_in_application_name
+        )
+        self.application_name_prefix = _check_prefix(application_name_prefix)
+        self.sql_comment = v.boolean("sql_comment", sql_comment)
         self._is_pg = engine.dialect.name == "postgresql"
+        # Whether explicit transactions send the transaction-local set_config statement.
+        self._per_transaction = self._is_pg and (
+            self.server_timeouts or self.correlation_in_application_name
+        )
+        self._target = DatabaseTarget.from_url(engine.url, engine.dialect.name)
+        if self.sql_comment and not event.contains(
+            engine.sync_engine, "before_cursor_execute", _add_sql_comment
+        ):
+            event.listen(engine.sync_engine, "before_cursor_execute", _add_sql_comment, retval=True)
         self._server_statement_timeout_ms: int | None = None
         self._loops: dict[int, _LoopState] = {}
         self._last: _LoopState | None = None
         self._session_class = type("GuardedSession", (GuardedSession,), {"_db": self})
         self._connection_class = type("GuardedConnection", (GuardedConnection,), {"_db": self})
         self._default_maker: ResilientSessionmaker | None = None
+        _instrument.track_engine(self)
 
     # -- what it wraps -------------------------------------------------------------------
 
@@ -300,7 +341,7 @@ class ResilientEngine:
         conn = self.connect()
         async with conn:
             await AsyncConnection.begin(conn)
-            conn._server_timeouts_pending = self.server_timeouts and self._is_pg
+            conn._server_timeouts_pending = self._per_transaction
             try:
                 yield conn
             except BaseException:
@@ -334,7 +375,9 @@ class ResilientEngine:
         (``verify_commits=True``) or reported as :class:`CommitOutcomeUnknown`,
         never blindly retried — unless the engine was built with ``idempotent=True``.
         """
-        return await self._unit.call(self._transaction_attempt, fn, args, kwargs)
+        return await self._unit._invoke(  # type: ignore[no-any-return]
+            self._transaction_attempt, (fn, args, kwargs), {}, fn, self._target
+        )
 
     async def _transaction_attempt(
         self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -446,8 +489,12 @@ class ResilientEngine:
             if fresh and isinstance(owner, AsyncSession):
                 self._check_pool_capacity()  # this statement will check a connection out
             if read_only and fresh:
-                return await self._read.call(_retry_alone, owner, fn, args, kwargs)
-            return await self._once.call(fn, *args, **kwargs)
+                return await self._read._invoke(  # type: ignore[no-any-return]
+                    _retry_alone, (owner, fn, args, kwargs), {}, fn, self._target, statement
+                )
+            return await self._once._invoke(  # type: ignore[no-any-return]
+                fn, args, kwargs, fn, self._target, statement
+            )
         except BaseException as exc:
             translated = self._translate(exc)
             if translated is not exc:
@@ -519,19 +566,26 @@ class ResilientEngine:
         return self._server_statement_timeout_ms
 
     async def _apply_server_timeouts(self, conn: AsyncConnection) -> None:
-        """Send the remaining time to PostgreSQL for this transaction only."""
-        if not (self.server_timeouts and self._is_pg):
+        """Send the remaining time (and the correlation ID) to PostgreSQL, for this
+        transaction only, in one statement."""
+        if not self._per_transaction:
             return
         settings: list[tuple[str, str]] = []
-        limit = self._current_limit()
-        if limit is not None:
-            margin = min(self.server_timeout_margin, limit / 2)
-            ms = max(1, int((limit - margin) * 1000))
-            default = await self._server_default_ms(conn)
-            if default == 0 or ms < default:
-                settings.append(("statement_timeout", f"{ms}ms"))
-        if self.lock_timeout is not None:
-            settings.append(("lock_timeout", f"{max(1, int(self.lock_timeout * 1000))}ms"))
+        if self.server_timeouts:
+            limit = self._current_limit()
+            if limit is not None:
+                margin = min(self.server_timeout_margin, limit / 2)
+                ms = max(1, int((limit - margin) * 1000))
+                default = await self._server_default_ms(conn)
+                if default == 0 or ms < default:
+                    settings.append(("statement_timeout", f"{ms}ms"))
+            if self.lock_timeout is not None:
+                settings.append(("lock_timeout", f"{max(1, int(self.lock_timeout * 1000))}ms"))
+        if self.correlation_in_application_name:
+            correlation_id = _lookup(True) or ""
+            settings.append(
+                ("application_name", application_name(self.application_name_prefix, correlation_id))
+            )
         if not settings:
             return
         calls = ", ".join(
@@ -541,14 +595,37 @@ class ResilientEngine:
             conn, f"SELECT {calls}", tuple(value for _, value in settings)
         )
 
+    def _pool_usage(self) -> list[tuple[str, object, int, int, int | None]]:
+        """``(pool name, pool, used, idle, max)`` for each loop's pool (for the metrics)."""
+        rows: list[tuple[str, object, int, int, int | None]] = []
+        name = _engine_name(self._engine.url)
+        engines = [state.engine for state in list(self._loops.values())] or [self._engine]
+        for engine in engines:
+            pool = engine.sync_engine.pool
+            checkedout = getattr(pool, "checkedout", None)
+            checkedin = getattr(pool, "checkedin", None)
+            size = getattr(pool, "size", None)
+            if not (callable(checkedout) and callable(checkedin) and callable(size)):
+                continue  # NullPool, StaticPool: nothing to count
+            overflow = int(getattr(pool, "_max_overflow", 0))
+            limit = None if overflow < 0 else int(size()) + overflow
+            rows.append((name, pool, int(checkedout()), int(checkedin()), limit))
+        return rows
+
     async def _commit(self, owner: Any, raw_commit: Callable[[], Awaitable[None]]) -> None:
         """COMMIT with its outcome tracked, verified when asked, never silently lost."""
         scope = _SCOPE.get()
         token = None
+        op: _Operation | None = None
         if scope is None or not scope.in_call:
-            # A commit outside any unit of work: track it in a scope of its own.
-            scope = CallScope(self._unit.clock, None, True)
+            # A commit outside any unit of work: track it in a scope of its own, and
+            # report it as an operation of its own.
+            clock = self._unit.clock
+            scope = CallScope(clock, None, True)
             token = _SCOPE.set(scope)
+            if _STATE.active:
+                op = _instrument.begin(scope, clock, clock(), None, self._target, "COMMIT")
+                op.attempt_started(scope, None, None)
         attempt = scope.attempt
         before = len(attempt.commits) if attempt.commits else 0
         xid: int | None = None
@@ -564,10 +641,22 @@ class ResilientEngine:
                 await raw_commit()
         except BaseException as exc:
             records = (attempt.commits or [])[before:]
-            await self._settle_commit(owner, exc, records, xid, standalone=token is not None)
+            try:
+                await self._settle_commit(owner, exc, records, xid, standalone=token is not None)
+            except BaseException as final:
+                if token is not None:
+                    if isinstance(final, CommitOutcomeUnknown):
+                        _instrument.commit_outcome_unknown(scope, "COMMIT", final, exc)
+                    if op is not None:
+                        op.attempt_ended(scope, op.start, final)
+                        op.ended(scope, final)
+                raise
         finally:
             if token is not None:
                 _SCOPE.reset(token)
+        if op is not None:
+            op.attempt_ended(scope, op.start, None)
+            op.ended(scope, None)
 
     async def _capture_xid(self, owner: Any) -> int | None:
         if isinstance(owner, AsyncSession):
@@ -716,6 +805,54 @@ async def _drain_cancel_requests() -> None:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+APPLICATION_NAME_BYTES = 63
+"""PostgreSQL keeps the first NAMEDATALEN - 1 bytes of ``application_name``."""
+
+
+def _check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError(f"application_name_prefix must be a str; got {prefix!r}")
+    if not prefix.isprintable() or not prefix.isascii() or len(prefix) > 32:
+        raise ValueError(
+            "application_name_prefix must be at most 32 printable ASCII characters "
+            f"(PostgreSQL keeps 63 bytes of application_name in all); got {prefix!r}"
+        )
+    return prefix
+
+
+def application_name(prefix: str, correlation_id: str) -> str:
+    """``prefix + correlation_id``, cut to 63 bytes of UTF-8 without splitting a
+    character (PostgreSQL would cut mid-character and mangle the end)."""
+    value = prefix + correlation_id
+    encoded = value.encode("utf-8")
+    if len(encoded) <= APPLICATION_NAME_BYTES:
+        return value
+    return encoded[:APPLICATION_NAME_BYTES].decode("utf-8", errors="ignore")
+
+
+def sqlcommenter(fields: Mapping[str, str]) -> str:
+    """A sqlcommenter comment: keys sorted, values URL-encoded and quoted."""
+    body = ",".join(
+        f"{quote(key, safe='')}='{quote(value, safe='')}'" for key, value in sorted(fields.items())
+    )
+    return f"/*{body}*/"
+
+
+def _add_sql_comment(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> tuple[str, Any]:
+    if "*/" in statement:
+        return statement, parameters  # sqlcommenter: never touch a commented statement
+    fields = {"correlation_id": _lookup(True) or ""}
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        fields["traceparent"] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+            f"{int(span_context.trace_flags):02x}"
+        )
+    return f"{statement} {sqlcommenter(fields)}", parameters
+
+
 class GuardedConnection(AsyncConnection):
     """An ``AsyncConnection`` whose statements run under the engine's policy."""
 
@@ -731,7 +868,9 @@ class GuardedConnection(AsyncConnection):
             if scope is not None and scope.in_call:
                 return await AsyncConnection.start(self, is_ctxmanager)
             db._check_pool_capacity()
-            return await db._read.call(AsyncConnection.start, self, is_ctxmanager)
+            return await db._read._invoke(
+                AsyncConnection.start, (self, is_ctxmanager), {}, "connect", db._target
+            )
 
         async def execute(self, statement, parameters=None, *, execution_options=None):
             return await self._db._guard(
@@ -786,7 +925,7 @@ class _GuardedSessionTransaction(AsyncSessionTransaction):
                 # Sent just before the first statement that is not SET TRANSACTION
                 # (which PostgreSQL only accepts before any query).
                 db = session._db
-                session._server_timeouts_pending = db.server_timeouts and db._is_pg
+                session._server_timeouts_pending = db._per_transaction
             return self
 
         async def commit(self) -> None:

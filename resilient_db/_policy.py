@@ -32,9 +32,11 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Final, Literal, NoReturn, ParamSpec, TypeVar, cast, overload
 
+from . import _instrument
 from . import _validate as v
 from ._classify import Classification, Classifier, ErrorCategory, resolve
-from ._errors import CommitOutcomeUnknown
+from ._errors import CircuitOpenError, CommitOutcomeUnknown
+from ._instrument import _NO_STATEMENT, _STATE, DatabaseTarget, _Operation, describe
 from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
 from ._sqla import install_commit_tracking
 from .policies.breaker import BreakerOutcome, BreakerProtocol, CircuitBreaker, get_breaker
@@ -73,6 +75,8 @@ class _Default:
 DEFAULT: Final = _Default()
 
 _EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+_monotonic = time.monotonic
 
 
 def breaker_outcome(verdict: Classification) -> BreakerOutcome:
@@ -182,6 +186,7 @@ class Policy:
             retries=retries, backoff=backoff, budget=budget, clock=clock, sleep=sleep
         )
         self._breaker = _resolve_breaker(breaker)
+        _instrument.track_breaker(self._breaker)
         self._bulkhead = _resolve_bulkhead(bulkhead)
         if classifier is not None and not callable(classifier):
             raise TypeError(f"classifier must be callable or None; got {classifier!r}")
@@ -330,10 +335,11 @@ class Policy:
                 f"@resilient needs an async function (async def); got {fn!r}, which is synchronous"
             )
         invoke = self._invoke
+        label = self._name or _instrument._qualified_name(fn)  # named once, for telemetry
 
         @functools.wraps(fn)
         async def guarded(*args: Any, **kwargs: Any) -> Any:
-            return await invoke(fn, args, kwargs)
+            return await invoke(fn, args, kwargs, label)
 
         guarded.__resilient_policy__ = self  # type: ignore[attr-defined]
         return guarded
@@ -345,8 +351,16 @@ class Policy:
     # -- the machinery -------------------------------------------------------------------
 
     async def _invoke(
-        self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        label: Any = None,
+        target: DatabaseTarget | None = None,
+        statement: Any = _NO_STATEMENT,
     ) -> Any:
+        """Run ``fn`` under the policy. ``label``, ``target`` and ``statement`` only
+        describe the operation to instrumentation (the engine wrapper passes them)."""
         outer = _SCOPE.get()
         if outer is not None and outer.in_call:
             return await self._invoke_nested(outer, fn, args, kwargs)
@@ -365,23 +379,71 @@ class Policy:
             guards = (self._breaker, self._bulkhead)
         scope = CallScope(clock, deadline_at, True, AttemptState(), 1, guards)
         token = _SCOPE.set(scope)
+        if _STATE.recheck_at <= _monotonic():
+            _instrument.refresh_instrumentation()
+        if label is None:
+            label = self._name or fn
+        op: _Operation | None = None
         try:
+            if _STATE.active:
+                op = _instrument.begin(scope, clock, start, label, target, statement)
             budget = self._retry.budget
             if budget is not None:
                 budget.deposit()
             try:
-                return await self._attempt(scope, self._breaker, self._bulkhead, fn, args, kwargs)
+                if op is None:
+                    result = await self._attempt(
+                        scope, self._breaker, self._bulkhead, fn, args, kwargs
+                    )
+                else:
+                    result = await self._observed_attempt(
+                        op, scope, self._breaker, self._bulkhead, fn, args, kwargs
+                    )
             except BaseException as exc:
+                # The failure path only: name the operation as its spans are named.
+                name = op.name if op is not None else describe(label, target, statement)[0]
                 if isinstance(exc, _EXIT_EXCEPTIONS):
-                    self._warn_cancelled_commit(scope)
+                    self._warn_cancelled_commit(scope, name)
                     raise
                 retry, reason = self._should_retry(scope, exc)
                 if not retry:
-                    self._raise_final(scope, exc)
+                    self._raise_final(scope, exc, name)
                 failure = exc
-            return await self._retry_after(scope, failure, reason, fn, args, kwargs, start)
+            else:
+                if op is not None:
+                    op.ended(scope, None)
+                return result
+            result = await self._retry_after(scope, failure, reason, fn, args, kwargs, start, name)
+            if op is not None:
+                op.ended(scope, None)
+            return result
+        except BaseException as exc:
+            if op is not None:
+                op.ended(scope, exc)
+            raise
         finally:
             _SCOPE.reset(token)
+
+    async def _observed_attempt(
+        self,
+        op: _Operation,
+        scope: CallScope,
+        breaker: BreakerProtocol | None,
+        bulkhead: Bulkhead | None,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """:meth:`_attempt`, reported to the instrumentation hooks."""
+        op.attempt_started(scope, breaker, self._retry.budget)
+        started = self._clock()
+        try:
+            result = await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
+        except BaseException as exc:
+            op.attempt_ended(scope, started, exc)
+            raise
+        op.attempt_ended(scope, started, None)
+        return result
 
     async def _attempt(
         self,
@@ -395,7 +457,13 @@ class Policy:
         """One attempt: breaker → bulkhead → timeout → call."""
         timeouts = self._timeouts
         limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
-        permit = breaker.acquire() if breaker is not None else 0
+        permit = 0
+        if breaker is not None:
+            try:
+                permit = breaker.acquire()
+            except CircuitOpenError as exc:
+                _instrument.breaker_rejected(scope, exc)
+                raise
         clock = self._clock
         if bulkhead is not None and not bulkhead.try_acquire():
             try:
@@ -479,6 +547,7 @@ class Policy:
             outer.attempt,
             outer.attempt_number,
             (*outer.guards, breaker, bulkhead),
+            outer.top(),
         )
         token = _SCOPE.set(scope)
         try:
@@ -513,61 +582,52 @@ class Policy:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         start: float,
+        name: str,
     ) -> Any:
         breaker, bulkhead = self._breaker, self._bulkhead
+        op = scope.telemetry if isinstance(scope.telemetry, _Operation) else None
 
         async def attempt() -> Any:
             scope.attempt = AttemptState()
-            return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
+            if op is None:
+                return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
+            return await self._observed_attempt(op, scope, breaker, bulkhead, fn, args, kwargs)
 
         def should_retry(exc: BaseException, attempt_number: int) -> tuple[bool, str]:
             if attempt_number == 1:
                 return True, first_reason  # decided already, before building tenacity
             return self._should_retry(scope, exc)
 
-        name = self._name or getattr(fn, "__qualname__", None) or repr(fn)
-
-        def log_retry(attempt: int, delay: float, exc: BaseException, reason: str) -> None:
-            logger.info(
-                "retrying %s in %.3fs after attempt %d failed: %s",
-                name,
-                delay,
-                attempt,
-                reason,
-                extra={
-                    "resilient_db_event": "retry_scheduled",
-                    "attempt": attempt,
-                    "delay": delay,
-                    "error_type": type(exc).__name__,
-                },
+        def on_retry(attempt: int, delay: float, exc: BaseException, reason: str) -> None:
+            _instrument.retry_scheduled(
+                scope, name, attempt, delay, exc, reason, self._retry.budget
             )
 
         try:
             return await self._retry.run(
-                scope, failure, attempt, should_retry, started=start, on_retry=log_retry
+                scope, failure, attempt, should_retry, started=start, on_retry=on_retry
             )
         except BaseException as exc:
             if isinstance(exc, _EXIT_EXCEPTIONS):
-                self._warn_cancelled_commit(scope)
+                self._warn_cancelled_commit(scope, name)
                 raise
-            self._raise_final(scope, exc)
+            self._raise_final(scope, exc, name)
 
-    def _raise_final(self, scope: CallScope, exc: BaseException) -> NoReturn:
+    def _raise_final(self, scope: CallScope, exc: BaseException, name: str = "call") -> NoReturn:
         """Raise the error the caller gets: the original, or CommitOutcomeUnknown."""
         replacement = scope.attempt.extra.pop("replacement", None)
         if replacement is None:
+            if isinstance(exc, CommitOutcomeUnknown):
+                _instrument.commit_outcome_unknown(
+                    scope, name, exc, exc.__cause__ or exc.__context__
+                )
             raise exc
-        logger.error("%s", replacement, extra={"resilient_db_event": "commit_outcome_unknown"})
+        _instrument.commit_outcome_unknown(scope, name, replacement, exc)
         raise replacement from exc
 
-    def _warn_cancelled_commit(self, scope: CallScope) -> None:
+    def _warn_cancelled_commit(self, scope: CallScope, name: str = "call") -> None:
         if scope.attempt.unsafe_commits():
-            logger.error(
-                "%s was cancelled after sending a COMMIT: its work may be durable; "
-                "the cancellation is propagated",
-                self._name or "call",
-                extra={"resilient_db_event": "commit_outcome_unknown"},
-            )
+            _instrument.commit_outcome_unknown(scope, name, None, None, cancelled=True)
 
 
 def _expire(attempt: AttemptState, timer: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:

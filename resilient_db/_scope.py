@@ -141,6 +141,18 @@ class CallScope:
     attempt_number: int = 1
     guards: tuple[object, ...] = ()
     """Breakers and bulkheads already applied by enclosing calls (applied once only)."""
+    root: CallScope | None = None
+    """The scope of the outermost guarded call, for the scopes nested in it (``None``
+    for that scope itself): what belongs to the whole call lives there."""
+    telemetry: Any = None
+    """The call's observed operation (``_instrument._Operation``), on the root scope,
+    when instrumentation is on."""
+    correlation_id: str | None = None
+    """The correlation ID generated for the call (root scope only), when none was set."""
+
+    def top(self) -> CallScope:
+        """The root scope of the call (this one, when it is the root)."""
+        return self.root or self
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (may be negative), or ``None``."""

@@ -18,7 +18,8 @@ this also covers SQLAlchemy 2.1, where ``sessionmaker.begin()`` runs COMMIT to
 completion under a shield and re-raises the cancellation *after* it committed.
 
 Two more listeners fire per statement, and only do work inside an attempt that
-has a time limit: ``before_cursor_execute`` registers the driver connection as
+has a time limit (or, once per observed operation, to tell the instrumentation
+which database it talks to): ``before_cursor_execute`` registers the driver connection as
 busy for the attempt, ``after_cursor_execute`` unregisters it. When the attempt's
 time runs out, those connections are aborted at the driver level (see
 ``_abort``) instead of waiting for SQLAlchemy's graceful 2-second close. Pool
@@ -78,8 +79,14 @@ def _on_before_execute(
     executemany: bool,
 ) -> None:
     scope = _SCOPE.get()
-    if scope is not None and scope.attempt.armed:
-        _register(conn, scope.attempt)
+    if scope is not None:
+        if scope.attempt.armed:
+            _register(conn, scope.attempt)
+        op = (scope.root or scope).telemetry
+        if op is not None and op.wants_statement:
+            # An observed operation learns its database (and, for a single
+            # statement, its SQL) from its first statement.
+            op.note_statement(conn, statement)
 
 
 def _on_after_execute(

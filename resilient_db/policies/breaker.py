@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
 from .. import _validate as v
+from .._correlation import _lookup
 from .._errors import CircuitOpenError
 
 __all__ = [
@@ -161,6 +162,7 @@ class CircuitBreaker:
     """
 
     __slots__ = (
+        "__weakref__",
         "_b_calls",
         "_b_failures",
         "_b_slow",
@@ -462,6 +464,8 @@ class CircuitBreaker:
         elif new is BreakerState.OPEN:
             self._consecutive = 0
         level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+        # The call whose outcome (or admission) caused the transition, when there is one.
+        correlation_id = _lookup(False)
         logger.log(
             level,
             "breaker %s %s -> %s (%s)",
@@ -475,10 +479,20 @@ class CircuitBreaker:
                 "breaker_old_state": old.value,
                 "breaker_new_state": new.value,
                 "breaker_reason": reason,
+                "correlation_id": correlation_id,
             },
         )
+        transition = None
         if self._listeners:
-            self._notify(BreakerTransition(self.name, old, new, reason, now))
+            transition = BreakerTransition(self.name, old, new, reason, now)
+            self._notify(transition)
+        for observer in _OBSERVERS:
+            if transition is None:
+                transition = BreakerTransition(self.name, old, new, reason, now)
+            try:
+                observer(transition)
+            except Exception:
+                logger.exception("breaker %s: transition observer %r failed", self.name, observer)
 
     def _notify(self, transition: BreakerTransition) -> None:
         for listener in list(self._listeners):
@@ -507,6 +521,15 @@ class CircuitBreaker:
         task = loop.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+_OBSERVERS: list[Callable[[BreakerTransition], None]] = []
+"""Process-wide transition observers (the instrumentation dispatch registers itself)."""
+
+
+def _add_transition_observer(observer: Callable[[BreakerTransition], None]) -> None:
+    if observer not in _OBSERVERS:
+        _OBSERVERS.append(observer)
 
 
 _REGISTRY: dict[str, CircuitBreaker] = {}

@@ -107,6 +107,7 @@ async def deadline(
             attempt=outer.attempt,
             attempt_number=outer.attempt_number,
             guards=outer.guards,
+            root=outer.top(),
         )
     else:
         scope = CallScope(clock, deadline_at, in_call=False)
