@@ -24,6 +24,7 @@ unit of work, which retries as a whole.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -77,6 +78,12 @@ DEFAULT: Final = _Default()
 _EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 _monotonic = time.monotonic
+
+_TIMER_CONTEXT: Final = contextvars.Context()
+"""The attempt timer's callback needs no context variables. Without an explicit context,
+``call_later`` would copy the caller's, and a cancelled timer keeps that copy — with
+the call's scope in it — until asyncio purges cancelled timers, which only happens
+when the loop runs: guarded calls that complete without suspending would pile up."""
 
 
 def breaker_outcome(verdict: Classification) -> BreakerOutcome:
@@ -487,7 +494,9 @@ class Policy:
                 attempt = scope.attempt
                 loop = asyncio.get_running_loop()
                 timer = asyncio.timeout(None)
-                watch = loop.call_later(limit, _expire, attempt, timer, loop)
+                watch = loop.call_later(
+                    limit, _expire, attempt, timer, loop, context=_TIMER_CONTEXT
+                )
                 outer_deadline = attempt.deadline_at
                 ends = start + limit
                 if outer_deadline is None or ends < outer_deadline:

@@ -365,3 +365,22 @@ async def test_a_policy_is_reusable_as_decorator_and_caller() -> None:
 
     assert await double(4) == 8
     assert await policy.call(double, 5) == 10
+
+
+async def test_calls_that_never_suspend_do_not_retain_their_scopes() -> None:
+    import gc
+
+    from resilient_db._scope import CallScope
+
+    @resilient(timeout=30, retries=0, breaker=False)
+    async def cached() -> int:
+        return 1  # completes without ever yielding to the event loop
+
+    def scopes() -> int:
+        gc.collect()
+        return sum(isinstance(o, CallScope) for o in gc.get_objects())
+
+    before = scopes()
+    for _ in range(2000):
+        await cached()  # the loop never runs, so cancelled timers are never purged
+    assert scopes() - before < 10
