@@ -36,7 +36,9 @@ class OrderRepo:
         self.sessions = async_sessionmaker(engine)
         self.attempts = 0
 
-    @resilient(timeout=2, retries=3, breaker=breaker, backoff={"initial": 0.05})
+    # Half jitter: three retries always wait at least 0.175 s in all, longer than the
+    # 120 ms the demo holds the lock (full jitter may retry sooner, and give up).
+    @resilient(timeout=2, retries=3, breaker=breaker, backoff={"initial": 0.05, "jitter": 0.5})
     async def place(self, order_id: str, amount: int) -> None:
         self.attempts += 1
         async with self.sessions.begin() as s:
@@ -62,57 +64,64 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "orders.db"
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}", connect_args={"timeout": 0})
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE TABLE orders (id TEXT PRIMARY KEY, amount INT)"))
-        repo = OrderRepo(engine)
+        try:
+            await tour(engine, path)
+        finally:
+            await engine.dispose()
 
-        print("1. another connection holds the write lock for 120 ms")
-        holder = sqlite3.connect(path, isolation_level=None)
+
+async def tour(engine: AsyncEngine, path: Path) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE orders (id TEXT PRIMARY KEY, amount INT)"))
+    repo = OrderRepo(engine)
+
+    print("1. another connection holds the write lock for 120 ms")
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
         holder.execute("BEGIN IMMEDIATE")
         asyncio.get_running_loop().call_later(0.12, holder.execute, "COMMIT")
         repo.attempts = 0
         await repo.place("o-1", 100)
+    finally:
         holder.close()
-        print(f"   placed o-1 after {repo.attempts} attempts (SQLITE_BUSY was retried)")
+    print(f"   placed o-1 after {repo.attempts} attempts (SQLITE_BUSY was retried)")
 
-        print("2. the connection drops under the next statement (injected)")
-        drops = disconnect(rate=1.0, when=lambda op: op.ordinal == 1)
-        repo.attempts = 0
-        with FaultInjector(engine, drops, seed=1) as injector:
-            await repo.place("o-2", 250)
-        dropped = injector.counts.get("disconnect", 0)
-        print(f"   placed o-2 after {repo.attempts} attempts ({dropped} dropped connection)")
+    print("2. the connection drops under the next statement (injected)")
+    drops = disconnect(rate=1.0, when=lambda op: op.ordinal == 1)
+    repo.attempts = 0
+    with FaultInjector(engine, drops, seed=1) as injector:
+        await repo.place("o-2", 250)
+    dropped = injector.counts.get("disconnect", 0)
+    print(f"   placed o-2 after {repo.attempts} attempts ({dropped} dropped connection)")
 
-        print("3. the same order again")
+    print("3. the same order again")
+    repo.attempts = 0
+    try:
+        await repo.place("o-1", 100)
+    except sa_exc.IntegrityError as exc:
+        print(f"   {type(exc).__name__} after {repo.attempts} attempt: not retried")
+
+    print("4. a brown-out: reports slower than their 50 ms timeout")
+    for _ in range(3):
         repo.attempts = 0
+        started = time.perf_counter()
         try:
-            await repo.place("o-1", 100)
-        except sa_exc.IntegrityError as exc:
-            print(f"   {type(exc).__name__} after {repo.attempts} attempt: not retried")
-
-        print("4. a brown-out: reports slower than their 50 ms timeout")
-        for _ in range(3):
-            repo.attempts = 0
-            started = time.perf_counter()
-            try:
-                await repo.monthly_report()
-            except AttemptTimeout as exc:
-                print(f"   timed out ({exc}); breaker is {breaker.state.value}")
-            except CircuitOpenError as exc:
-                took = (time.perf_counter() - started) * 1e6
-                print(
-                    f"   rejected in {took:.0f} us without touching the database "
-                    f"({repo.attempts} attempts): {exc}"
-                )
-        snapshot = breaker.snapshot()
-        print(
-            f"breaker {snapshot.name}: {snapshot.state.value}, "
-            f"retry after {snapshot.retry_after:.1f}s"
-        )
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT count(*) FROM orders"))).scalar_one()
-        print(f"orders in the database: {rows}")
-        await engine.dispose()
+            await repo.monthly_report()
+        except AttemptTimeout as exc:
+            print(f"   timed out ({exc}); breaker is {breaker.state.value}")
+        except CircuitOpenError as exc:
+            took = (time.perf_counter() - started) * 1e6
+            print(
+                f"   rejected in {took:.0f} us without touching the database "
+                f"({repo.attempts} attempts): {exc}"
+            )
+    snapshot = breaker.snapshot()
+    print(
+        f"breaker {snapshot.name}: {snapshot.state.value}, retry after {snapshot.retry_after:.1f}s"
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT count(*) FROM orders"))).scalar_one()
+    print(f"orders in the database: {rows}")
 
 
 if __name__ == "__main__":
