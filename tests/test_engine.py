@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ from resilient_db.testing import set_testing
 pytestmark = pytest.mark.postgres
 
 FAST = {"initial": 0.001, "max": 0.01}
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 @pytest.fixture
@@ -470,10 +472,8 @@ async def test_the_same_engine_works_from_a_second_event_loop(pg_url: str, tmp_p
         "print(asyncio.run(both()))\n"
     )
     import os
-    from pathlib import Path
 
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-W",
