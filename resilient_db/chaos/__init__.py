@@ -16,6 +16,16 @@ Two injectors, usable on their own:
   rate, an ``enabled`` switch and a seed. Faults look real to SQLAlchemy: a
   disconnect really closes the driver connection first.
 
+Scenario runs that gate CI (part 2), built on both:
+
+* :func:`load_scenario` reads a TOML scenario (a workload, timed phases of faults,
+  steady-state checks); :func:`run_scenario` runs it through resilient-db's
+  policies, checks Jepsen-style invariants (no acknowledged write lost, none
+  written twice, counters within bounds, no leaked connection, session or task,
+  every fault fired) and the steady state, and writes the reports (JSON lines,
+  JSON, JUnit XML, HTML). The verdict is an :class:`ExitCode`.
+* ``resilient-db chaos run|list|proxy`` is the command line (:mod:`.cli`).
+
 The harness uses only the public API of resilient-db and is never imported by it.
 See ``docs/chaos.md``.
 """
@@ -34,6 +44,7 @@ from .injector import (
     sqlite_busy,
     sqlstate_error,
 )
+from .invariants import CheckResult, ExitCode, OperationRecord
 from .proxy import (
     TOXIC_TYPES,
     Bandwidth,
@@ -55,23 +66,33 @@ from .proxy import (
     Toxic,
     ToxiproxyServer,
 )
+from .report import junit_xml, render_html, render_summary, report_json
+from .runner import HarnessError, RunResult, run_scenario
+from .scenario import Scenario, ScenarioError, builtin_scenarios, load_scenario
 
 __all__ = [
     "Bandwidth",
     "ChaosProxy",
+    "CheckResult",
     "ConnectionInfo",
     "DropCommitAck",
+    "ExitCode",
     "FailFirstN",
     "FaultInjector",
     "FaultRecord",
+    "HarnessError",
     "Injection",
     "Kind",
     "Latency",
     "LimitData",
     "Operation",
+    "OperationRecord",
     "PgToxic",
     "ProxyStats",
     "ResetPeer",
+    "RunResult",
+    "Scenario",
+    "ScenarioError",
     "Slicer",
     "SlowClose",
     "Strategy",
@@ -82,10 +103,17 @@ __all__ = [
     "Timeout",
     "Toxic",
     "ToxiproxyServer",
+    "builtin_scenarios",
     "connect_failure",
     "disconnect",
     "hang",
+    "junit_xml",
     "latency",
+    "load_scenario",
+    "render_html",
+    "render_summary",
+    "report_json",
+    "run_scenario",
     "sqlite_busy",
     "sqlstate_error",
 ]
