@@ -132,12 +132,19 @@ class ResilientEngine:
 
     Args:
         engine: the ``AsyncEngine`` to wrap (asyncpg or aiosqlite; SQLAlchemy 2.0/2.1).
-        policy: a prebuilt :class:`Policy`; or give the policy arguments below.
-        timeout, deadline, retries, backoff, breaker, bulkhead, classifier,
-        retry_budget, idempotent: as for :class:`Policy`. ``timeout`` bounds one
-            attempt of a unit of work, or one statement outside units. The default
-            breaker is the shared breaker named after the database
-            (``postgresql://host:port/db``).
+        policy: a prebuilt :class:`Policy`; or give the policy arguments below, as
+            for :class:`Policy`.
+        timeout: bounds one attempt of a unit of work, or one statement outside units.
+        deadline: bounds a whole unit of work, retries included.
+        retries: additional attempts of a unit of work.
+        backoff: the wait between attempts.
+        breaker: as for :class:`Policy`; the default is the shared breaker named
+            after the database (``postgresql://host:port/db``).
+        bulkhead: at most N attempts at once.
+        classifier: decides what is retryable and what the breaker counts.
+        retry_budget: bounds retries to a share of first attempts.
+        idempotent: units of work are safe to run twice (an idempotency key), so an
+            attempt that sent a COMMIT may be retried.
         verify_commits: on PostgreSQL, resolve ambiguous COMMITs with
             ``pg_xact_status`` (one extra round trip per write transaction).
         server_timeouts: send the remaining time to PostgreSQL as a transaction-local

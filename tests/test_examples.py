@@ -24,13 +24,14 @@ EXAMPLES = [
 
 
 def test_every_example_folder_is_on_the_page() -> None:
-    documented = {command.split()[0] for command, _, _ in EXAMPLES}
-    scripts = {
-        str(p.relative_to(ROOT))
-        for p in (ROOT / "examples").rglob("*.py")
-        if p.name in ("quickstart.py", "app.py")
-    }
-    assert scripts <= documented
+    documented = " ".join(command for command, _, _ in EXAMPLES)
+    entry_points = [
+        *(ROOT / "examples").glob("*.py"),
+        *(ROOT / "examples").glob("*/app.py"),
+        *(ROOT / "examples").glob("*/*.toml"),
+    ]
+    paths = [str(p.relative_to(ROOT)) for p in entry_points]
+    assert [p for p in paths if p not in documented] == []
 
 
 @pytest.mark.parametrize(

@@ -448,7 +448,9 @@ def hang(
         duration: seconds (> 0) after which ``TimeoutError`` is raised, as a
             driver-level timeout does; ``None`` waits until cancelled.
         on: ``"statement"``, ``"commit"`` or ``"connect"``.
-        name, enabled, when: see :func:`disconnect`.
+        name: see :func:`disconnect`.
+        enabled: see :func:`disconnect`.
+        when: see :func:`disconnect`.
     """
     return Strategy(
         kind=Kind.HANG,
@@ -484,7 +486,8 @@ def sqlstate_error(
         on: ``"statement"``, ``"commit"`` (the COMMIT is answered with the error and
             does not commit) or ``"connect"``.
         name: default ``"sqlstate_<code>"``.
-        enabled, when: see :func:`disconnect`.
+        enabled: see :func:`disconnect`.
+        when: see :func:`disconnect`.
     """
     return Strategy(
         kind=Kind.SQLSTATE,
@@ -510,7 +513,9 @@ def sqlite_busy(
     Args:
         rate: probability in [0, 1] that an eligible operation fails.
         on: ``"statement"`` or ``"commit"`` (the COMMIT fails; the transaction stays open).
-        name, enabled, when: see :func:`disconnect`.
+        name: see :func:`disconnect`.
+        enabled: see :func:`disconnect`.
+        when: see :func:`disconnect`.
     """
     return Strategy(kind=Kind.SQLITE_BUSY, on=on, rate=rate, name=name, enabled=enabled, when=when)
 
@@ -533,7 +538,9 @@ def latency(
         delay: seconds (> 0).
         rate: probability in [0, 1] that an eligible operation is delayed.
         on: ``"statement"``, ``"commit"`` or ``"connect"``.
-        name, enabled, when: see :func:`disconnect`.
+        name: see :func:`disconnect`.
+        enabled: see :func:`disconnect`.
+        when: see :func:`disconnect`.
     """
     return Strategy(
         kind=Kind.LATENCY,
@@ -556,7 +563,8 @@ def connect_failure(
 
     Args:
         rate: probability in [0, 1] that a new connection is refused.
-        name, enabled: see :func:`disconnect`.
+        name: see :func:`disconnect`.
+        enabled: see :func:`disconnect`.
     """
     return Strategy(
         kind=Kind.CONNECT_FAILURE, on=Target.CONNECT, rate=rate, name=name, enabled=enabled
