@@ -24,7 +24,6 @@ unit of work, which retries as a whole.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
 import logging
@@ -44,7 +43,7 @@ from .policies.breaker import BreakerOutcome, BreakerProtocol, CircuitBreaker, g
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff, RetryPolicy
-from .policies.timeout import ABORT_GRACE, TimeoutPolicy
+from .policies.timeout import AttemptTimer, TimeoutPolicy
 
 __all__ = ["Policy", "resilient"]
 
@@ -78,12 +77,6 @@ DEFAULT: Final = _Default()
 _EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 _monotonic = time.monotonic
-
-_TIMER_CONTEXT: Final = contextvars.Context()
-"""The attempt timer's callback needs no context variables. Without an explicit context,
-``call_later`` would copy the caller's, and a cancelled timer keeps that copy — with
-the call's scope in it — until asyncio purges cancelled timers, which only happens
-when the loop runs: guarded calls that complete without suspending would pile up."""
 
 
 def breaker_outcome(verdict: Classification) -> BreakerOutcome:
@@ -492,11 +485,7 @@ class Policy:
                 # on a graceful close), and cancel the task only if nothing was in
                 # flight or the driver did not give up within ABORT_GRACE.
                 attempt = scope.attempt
-                loop = asyncio.get_running_loop()
-                timer = asyncio.timeout(None)
-                watch = loop.call_later(
-                    limit, _expire, attempt, timer, loop, context=_TIMER_CONTEXT
-                )
+                timer = AttemptTimer(attempt, limit, asyncio.get_running_loop())
                 outer_deadline = attempt.deadline_at
                 ends = start + limit
                 if outer_deadline is None or ends < outer_deadline:
@@ -507,14 +496,14 @@ class Policy:
                 else:
                     attempt.timers.append(timer)
                 try:
-                    async with timer:
-                        result = await fn(*args, **kwargs)
+                    result = await fn(*args, **kwargs)
                 except BaseException as exc:
-                    if attempt.expired_by is timer and not isinstance(exc, asyncio.CancelledError):
+                    if timer.settle(exc):
                         raise timeouts.expired(limit, by_deadline, scope.attempt_number) from exc
                     raise
+                else:
+                    timer.settle(None)
                 finally:
-                    watch.cancel()
                     attempt.armed -= 1
                     attempt.deadline_at = outer_deadline
                     attempt.timers.remove(timer)
@@ -637,12 +626,6 @@ class Policy:
     def _warn_cancelled_commit(self, scope: CallScope, name: str = "call") -> None:
         if scope.attempt.unsafe_commits():
             _instrument.commit_outcome_unknown(scope, name, None, None, cancelled=True)
-
-
-def _expire(attempt: AttemptState, timer: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
-    attempt.expired_by = timer
-    aborted = attempt.abort_inflight()
-    timer.reschedule(loop.time() + (ABORT_GRACE if aborted else 0.0))
 
 
 def _commit_unknown(

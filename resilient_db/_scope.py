@@ -9,7 +9,6 @@ all, whether it sent a COMMIT.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -69,16 +68,15 @@ class AttemptState:
     deadline_at: float | None = None
     """When the nearest armed timer runs out (policy clock), for server-side timeouts."""
     timers: list[Any] | None = None
-    """The ``asyncio.Timeout`` objects of the armed timers (see :meth:`disarm`)."""
+    """The armed ``AttemptTimer``s (see :meth:`disarm`)."""
 
     def disarm(self) -> None:
         """Stop the armed timers from cancelling the task (used while a COMMIT's
-        outcome is being verified: that has a budget of its own)."""
+        outcome is being verified: that has a budget of its own). A timer that has
+        already cancelled the task cannot take it back: that cancellation then ends
+        the verification like any other."""
         for timer in self.timers or ():
-            # A timer that already fired cannot be stopped; the cancellation it sent
-            # then ends the verification like any other cancellation.
-            with contextlib.suppress(RuntimeError):
-                timer.reschedule(None)
+            timer.disarm()
 
     def register_inflight(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
         if self.inflight is None:

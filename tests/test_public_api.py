@@ -40,6 +40,7 @@ def test_every_public_class_and_function_of_the_private_modules_is_exported() ->
         "resilient_db._abort.pending_cancel_requests",
         "resilient_db._scope.EPOCH_KEY",
         "resilient_db.policies.timeout.ABORT_GRACE",
+        "resilient_db.policies.timeout.AttemptTimer",
         "resilient_db._classify.resolve",
         "resilient_db._config.policy_from_env",
         "resilient_db._config.policy_from_mapping",

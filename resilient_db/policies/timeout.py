@@ -17,16 +17,19 @@ Users can also open a deadline without a policy, e.g. once per HTTP request::
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Final
 
 from .. import _validate as v
 from .._errors import AttemptTimeout, DeadlineExceeded, TimeoutExceeded
-from .._scope import _SCOPE, CallScope
+from .._scope import _SCOPE, AttemptState, CallScope
 
-__all__ = ["ABORT_GRACE", "TimeoutPolicy", "deadline", "remaining_time"]
+__all__ = ["ABORT_GRACE", "AttemptTimer", "TimeoutPolicy", "deadline", "remaining_time"]
 
 ABORT_GRACE = 0.1
 """Seconds a timed-out attempt gives an aborted driver to fail on its own before the
@@ -34,6 +37,70 @@ task is cancelled. When the limit is reached, statements in flight are aborted a
 the driver level (asyncpg: CancelRequest + terminate; aiosqlite: interrupt), which
 usually surfaces the error within milliseconds; the documented bound on when the
 caller gets its timeout error is ``limit + ABORT_GRACE``."""
+
+
+_TIMER_CONTEXT: Final = contextvars.Context()
+"""The timer's callbacks need no context variables. Without an explicit context,
+``call_later`` would copy the caller's, and a cancelled timer keeps that copy — with
+the call's scope in it — until asyncio purges cancelled timers, which only happens
+when the loop runs: guarded calls that complete without suspending would pile up."""
+
+
+class AttemptTimer:
+    """One attempt's time limit: abort the I/O in flight first, then cancel the task.
+
+    Cheaper than ``asyncio.timeout`` (one scheduled handle, no context manager), with
+    the same bookkeeping: a cancellation is the timer's own only if the task's count
+    of cancellation requests, once the timer's is withdrawn, is back to what it was
+    when the attempt started — any other cancellation belongs to someone else and
+    is propagated untouched.
+    """
+
+    __slots__ = ("_attempt", "_base", "_grace", "_handle", "_loop", "_task", "fired")
+
+    def __init__(self, attempt: AttemptState, limit: float, loop: asyncio.AbstractEventLoop):
+        task = asyncio.current_task(loop)
+        assert task is not None, "a guarded call runs in a task"
+        self._task = task
+        self._base = task.cancelling()
+        self._attempt = attempt
+        self._loop = loop
+        self._grace: asyncio.TimerHandle | None = None
+        self.fired = False
+        """The timer asked for the task to be cancelled."""
+        self._handle = loop.call_later(limit, self._expire, context=_TIMER_CONTEXT)
+
+    def _expire(self) -> None:
+        attempt = self._attempt
+        attempt.expired_by = self
+        if attempt.abort_inflight():
+            # The driver usually fails within milliseconds of the abort; give it
+            # ABORT_GRACE before falling back to cancelling the task.
+            self._grace = self._loop.call_later(ABORT_GRACE, self._cancel, context=_TIMER_CONTEXT)
+        else:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        self.fired = True
+        self._task.cancel()
+
+    def disarm(self) -> None:
+        """Stop the timer (it can no longer abort anything or cancel the task)."""
+        self._handle.cancel()
+        if self._grace is not None:
+            self._grace.cancel()
+
+    def settle(self, exc: BaseException | None) -> bool:
+        """Disarm, withdraw our cancellation request, and say whether the attempt
+        ended because of this timer (``exc`` is what ended it, if anything)."""
+        self.disarm()
+        if self._attempt.expired_by is not self:
+            return False
+        if self.fired:
+            ours = self._task.uncancel() <= self._base
+            if isinstance(exc, asyncio.CancelledError):
+                return ours
+        return exc is not None
 
 
 @dataclass(frozen=True, slots=True)
