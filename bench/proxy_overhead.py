@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import versions, write_json
+from bench._context import Context, asyncpg_dsn
+from bench._harness import Figure, Table, versions, write_json
+from bench._svg import Bars
 from resilient_db.chaos.proxy import ChaosProxy
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -112,6 +114,40 @@ async def measure(dsn: str, *, rounds: int, ops: int, rate: float) -> dict[str, 
         "added_p99_us": summary["proxied"]["p99_us"] - summary["direct"]["p99_us"],
         "proxy_bytes": {"up": stats.bytes_upstream, "down": stats.bytes_downstream},
     }
+
+
+async def figure(ctx: Context) -> Figure:
+    """The proxy's added latency, as part of ``python -m bench``."""
+    rounds, ops = ctx.scale(10, 2), ctx.scale(500, 50)
+    result = await measure(asyncpg_dsn(ctx.pg_url), rounds=rounds, ops=ops, rate=1000.0)
+    summary = result["summary"]
+    table = Table(
+        f"ChaosProxy (no toxics) vs direct asyncpg, {rounds} interleaved rounds × {ops} "
+        "SELECT 1 at 1000/s",
+        ["path", "p50 µs", "p99 µs"],
+        [
+            [label, f"{summary[label]['p50_us']:.1f}", f"{summary[label]['p99_us']:.1f}"]
+            for label in ("direct", "proxied")
+        ]
+        + [["added", f"{result['added_p50_us']:.1f}", f"{result['added_p99_us']:.1f}"]],
+    )
+    return Figure(
+        key="proxy",
+        title="7. The chaos proxy's added latency (for scale)",
+        tables=[table],
+        data=result,
+        panels=[
+            Bars(
+                title="7. The chaos proxy: p50 round trip, direct vs proxied (µs)",
+                unit="µs per round trip (p50)",
+                bars=[
+                    ("raw direct asyncpg", summary["direct"]["p50_us"]),
+                    ("through ChaosProxy", summary["proxied"]["p50_us"]),
+                ],
+                value_format="{:.0f}",
+            )
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
