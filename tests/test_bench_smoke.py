@@ -34,6 +34,7 @@ FIGURES = [
 
 OVERHEAD_VARIANTS = {
     "raw",
+    "raw, listeners installed",
     "@resilient",
     "@resilient + OTel SDK",
     "ResilientEngine",
