@@ -27,7 +27,6 @@ from typing import Final, NamedTuple
 __all__ = [
     "CANCEL_REQUEST",
     "GSSENC_REQUEST",
-    "PROTOCOL_3",
     "SINGLE_BYTE",
     "SSL_REQUEST",
     "STARTUP",
@@ -44,7 +43,6 @@ __all__ = [
     "startup_code",
 ]
 
-PROTOCOL_3: Final = 196608
 SSL_REQUEST: Final = 80877103
 GSSENC_REQUEST: Final = 80877104
 CANCEL_REQUEST: Final = 80877102
@@ -109,10 +107,6 @@ class FrameScanner:
     def expect_single_byte(self) -> None:
         """The next byte is a bare answer to an SSLRequest/GSSENCRequest."""
         self._single = True
-
-    def expect_typed(self) -> None:
-        """Startup is over: from now on every message has a type byte."""
-        self._startup = False
 
     def feed(self, data: bytes) -> list[Frame]:
         """Scan one chunk; return the messages it completes, in order."""

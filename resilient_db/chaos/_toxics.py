@@ -44,6 +44,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, TypeAlias
 
+from .. import _validate as v
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -98,15 +100,6 @@ def _number(name: str, value: object, *, minimum: float = 0.0, unit: str = "seco
     return result
 
 
-def _integer(name: str, value: object, *, minimum: int) -> int:
-    accepted = f"an integer >= {minimum}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be {accepted}; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be {accepted}; got {value!r}")
-    return value
-
-
 # -- the configuration -----------------------------------------------------------------
 
 
@@ -134,11 +127,7 @@ class Toxic:
             raise TypeError(f"name must be a string; got {type(self.name).__name__}")
         if not self.name:
             object.__setattr__(self, "name", f"{self.type}_{self.stream}")
-        if isinstance(self.toxicity, bool) or not isinstance(self.toxicity, int | float):
-            raise TypeError(f"toxicity must be a number in [0, 1]; got {self.toxicity!r}")
-        if not 0.0 <= self.toxicity <= 1.0:
-            raise ValueError(f"toxicity must be a number in [0, 1]; got {self.toxicity!r}")
-        object.__setattr__(self, "toxicity", float(self.toxicity))
+        object.__setattr__(self, "toxicity", v.fraction("toxicity", self.toxicity))
         self._check()
 
     def _check(self) -> None:
@@ -275,8 +264,8 @@ class Slicer(StreamToxic):
     delay: float = 0.0
 
     def _check(self) -> None:
-        _integer("average_size", self.average_size, minimum=1)
-        _integer("size_variation", self.size_variation, minimum=0)
+        v.integer("average_size", self.average_size, minimum=1)
+        v.integer("size_variation", self.size_variation, minimum=0)
         if self.size_variation >= self.average_size:
             raise ValueError(
                 "size_variation must be an integer >= 0 and < average_size "
@@ -296,7 +285,7 @@ class LimitData(StreamToxic):
     bytes: int
 
     def _check(self) -> None:
-        _integer("bytes", self.bytes, minimum=0)
+        v.integer("bytes", self.bytes, minimum=0)
 
     def stage(self, host: StageHost, rng: random.Random) -> Stage:
         return _LimitDataStage(self, host, rng)
@@ -357,7 +346,7 @@ class FailFirstN(PgToxic):
 
     def _check(self) -> None:
         self._check_stream()
-        _integer("n", self.n, minimum=1)
+        v.integer("n", self.n, minimum=1)
         if (
             not isinstance(self.sqlstate, str)
             or len(self.sqlstate) != 5
@@ -399,7 +388,7 @@ class DropCommitAck(PgToxic):
     def _check(self) -> None:
         self._check_stream()
         if self.count is not None:
-            _integer("count", self.count, minimum=1)
+            v.integer("count", self.count, minimum=1)
 
     @property
     def budget(self) -> int | None:

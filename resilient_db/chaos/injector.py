@@ -112,6 +112,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .. import _validate as v
 from ._drivers import AiosqliteOps, AsyncpgOps, DriverOps, await_, ops_for
 
 __all__ = [
@@ -211,16 +212,6 @@ def _check_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"name must be a non-empty string; got {name!r}")
     return name
-
-
-def _check_rate(rate: object) -> float:
-    accepted = "a number in [0, 1]"
-    if isinstance(rate, bool) or not isinstance(rate, int | float):
-        raise TypeError(f"rate must be {accepted}; got {type(rate).__name__} {rate!r}")
-    value = float(rate)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"rate must be {accepted}; got {rate!r}")
-    return value
 
 
 def _check_seconds(name: str, value: object, *, allow_none: bool) -> float | None:
@@ -332,7 +323,7 @@ class Strategy:
     ) -> None:
         self.kind: Final = Kind(kind)
         self.target: Final = _check_target(self.kind, on)
-        self.rate: Final = _check_rate(rate)
+        self.rate: Final = v.fraction("rate", rate)
         self.name: Final = _check_name(name)
         self._enabled = _check_enabled(enabled)
         self._when = _compile_when(when)
@@ -625,14 +616,12 @@ class FaultInjector:
             seed = secrets.randbits(32)
         elif isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None; got {type(seed).__name__} {seed!r}")
-        if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be True or False; got {enabled!r}")
         self._engine = engine
         self._sync_engine: Engine = engine.sync_engine
         self._dialect: Dialect = self._sync_engine.dialect
         self._ops: DriverOps = ops_for(self._dialect)
         self._seed = seed
-        self._enabled = enabled
+        self._enabled = v.boolean("enabled", enabled)
         self._strategies: dict[str, Strategy] = {}
         self._lock = threading.Lock()
         self._ordinals: dict[Target, int] = dict.fromkeys(Target, 0)
@@ -666,9 +655,7 @@ class FaultInjector:
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"enabled must be True or False; got {value!r}")
-        self._enabled = value
+        self._enabled = v.boolean("enabled", value)
 
     @property
     def strategies(self) -> tuple[Strategy, ...]:
@@ -875,6 +862,15 @@ class FaultInjector:
             assert strategy.delay is not None
             await_(asyncio.sleep(strategy.delay))
 
+    def _raise_error(self, connection: Any, fault: Strategy) -> None:
+        """Carry out a fault that is not a disconnect (statements and COMMITs alike)."""
+        if fault.kind is Kind.HANG:
+            _hang(fault.delay, fault.name)
+        elif fault.kind is Kind.SQLSTATE:
+            self._raise_server_error(connection, fault)
+        elif fault.kind is Kind.SQLITE_BUSY:
+            self._raise_busy()
+
     def _raise_server_error(self, connection: Any, strategy: Strategy) -> NoReturn:
         ops = self._ops
         assert isinstance(ops, AsyncpgOps)  # checked by add()
@@ -947,12 +943,8 @@ class FaultInjector:
                 self._ops.raise_lost(proxied)
             # The statement goes on to the driver, which raises its own error.
             self._ops.drop(proxied)
-        elif fault.kind is Kind.HANG:
-            _hang(fault.delay, fault.name)
-        elif fault.kind is Kind.SQLSTATE:
-            self._raise_server_error(proxied, fault)
-        elif fault.kind is Kind.SQLITE_BUSY:
-            self._raise_busy()
+        else:
+            self._raise_error(proxied, fault)
         return False
 
     def _do_commit(self, dbapi_connection: Any) -> None:
@@ -977,12 +969,8 @@ class FaultInjector:
             # what the driver raises when it is used closed.
             original(dbapi_connection)
             self._ops.raise_closed(dbapi_connection)
-        elif fault.kind is Kind.HANG:
-            _hang(fault.delay, fault.name)
-        elif fault.kind is Kind.SQLSTATE:
-            self._raise_server_error(dbapi_connection, fault)
-        elif fault.kind is Kind.SQLITE_BUSY:
-            self._raise_busy()
+        else:
+            self._raise_error(dbapi_connection, fault)
 
     def _do_connect(
         self, dialect: Dialect, conn_rec: Any, cargs: list[Any], cparams: dict[str, Any]

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
+from .. import _validate as v
 from ._http_api import ToxiproxyServer
 from ._pgwire import (
     CANCEL_REQUEST,
@@ -97,6 +98,7 @@ from ._toxics import (
     StreamToxic,
     Timeout,
     Toxic,
+    _number,
 )
 
 __all__ = [
@@ -1075,6 +1077,13 @@ def _parse_address(name: str, value: object, *, default_host: str | None) -> tup
     return host, port
 
 
+def _parse_upstream(value: object) -> tuple[str, int]:
+    address = _parse_address("upstream", value, default_host=None)
+    if address[1] == 0:
+        raise ValueError(f"upstream must name a port in [1, 65535]; got {value!r}")
+    return address
+
+
 def _selector(which: Which) -> Callable[[ConnectionInfo], bool]:
     if isinstance(which, str):
         if which == "all":
@@ -1133,9 +1142,7 @@ class ChaosProxy:
         connect_delay: float = 0.0,
         fault_log_size: int = 100_000,
     ) -> None:
-        self._upstream = _parse_address("upstream", upstream, default_host=None)
-        if self._upstream[1] == 0:
-            raise ValueError(f"upstream must name a port in [1, 65535]; got {upstream!r}")
+        self._upstream = _parse_upstream(upstream)
         self._listen = _parse_address("listen", listen, default_host="127.0.0.1")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string; got {name!r}")
@@ -1143,14 +1150,9 @@ class ChaosProxy:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an integer; got {type(seed).__name__} {seed!r}")
         self.seed = seed
-        if not isinstance(postgres, bool):
-            raise TypeError(f"postgres must be a bool; got {postgres!r}")
-        self.postgres = postgres
-        self._connect_delay = self._check_delay(connect_delay)
-        if isinstance(fault_log_size, bool) or not isinstance(fault_log_size, int):
-            raise TypeError(f"fault_log_size must be an integer >= 1; got {fault_log_size!r}")
-        if fault_log_size < 1:
-            raise ValueError(f"fault_log_size must be an integer >= 1; got {fault_log_size!r}")
+        self.postgres = v.boolean("postgres", postgres)
+        self._connect_delay = _number("connect_delay", connect_delay)
+        v.integer("fault_log_size", fault_log_size, minimum=1)
 
         self._lock = threading.Lock()
         self._runner: _LoopThread | None = None
@@ -1172,15 +1174,6 @@ class ChaosProxy:
         self._bytes_down = 0
         for toxic in toxics:
             self.add_toxic(toxic)
-
-    @staticmethod
-    def _check_delay(value: object) -> float:
-        accepted = "a number of seconds >= 0"
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"connect_delay must be {accepted}; got {value!r}")
-        if not 0 <= float(value) < float("inf"):
-            raise ValueError(f"connect_delay must be {accepted}; got {value!r}")
-        return float(value)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -1210,9 +1203,7 @@ class ChaosProxy:
 
     def set_upstream(self, upstream: str | tuple[str, int]) -> None:
         """Forward new connections to ``upstream`` (open ones stay where they are)."""
-        address = _parse_address("upstream", upstream, default_host=None)
-        if address[1] == 0:
-            raise ValueError(f"upstream must name a port in [1, 65535]; got {upstream!r}")
+        address = _parse_upstream(upstream)
 
         def run() -> None:
             self._upstream = address
@@ -1541,8 +1532,7 @@ class ChaosProxy:
 
     def refuse(self, on: bool = True) -> None:
         """Refuse new connections (``ECONNREFUSED``) but keep the open ones; ``False``: stop."""
-        if not isinstance(on, bool):
-            raise TypeError(f"on must be a bool; got {on!r}")
+        v.boolean("on", on)
         runner = self._runner
         if runner is None:
             self._refusing = on
@@ -1562,7 +1552,7 @@ class ChaosProxy:
 
     def set_connect_delay(self, delay: float) -> None:
         """Wait ``delay`` seconds before opening each new upstream connection (0: none)."""
-        self._connect_delay = self._check_delay(delay)
+        self._connect_delay = _number("connect_delay", delay)
 
     @property
     def connect_delay(self) -> float:
@@ -1581,8 +1571,7 @@ class ChaosProxy:
         delivered when the partition heals (``half_open(False)``), as TCP would
         retransmit them. New connections are accepted but not forwarded.
         """
-        if not isinstance(on, bool):
-            raise TypeError(f"on must be a bool; got {on!r}")
+        v.boolean("on", on)
 
         def run() -> None:
             if on == self._half_open:
