@@ -51,7 +51,7 @@ from sqlalchemy.ext.asyncio import (
 from . import _instrument
 from . import _validate as v
 from ._abort import abort_driver_connection, pending_cancel_requests
-from ._classify import Classifier, resolve
+from ._classify import _EXIT_EXCEPTIONS, Classifier, resolve
 from ._correlation import _lookup
 from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
 from ._instrument import _STATE, DatabaseTarget, _Operation
@@ -78,7 +78,6 @@ logger = logging.getLogger("resilient_db")
 
 T = TypeVar("T")
 
-_EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 _READ_ONLY_SQL = re.compile(r"^\s*(select|with|show|values|table|explain)\b", re.IGNORECASE)
 _WRITES_SQL = re.compile(
@@ -441,7 +440,7 @@ class ResilientEngine:
             except BaseException as exc:
                 if expired and not _is_exit(exc):
                     raise self._once._timeouts.expired(limit or 0.0, by_deadline, 1) from exc
-                if _is_exit(exc) or isinstance(exc, GeneratorExit):
+                if _is_exit(exc):
                     # Abandoned mid-stream: the cursor is open and the server may still
                     # be sending; do not try to drain it, drop the connection.
                     abort_driver_connection(raw.dbapi_connection)
@@ -666,12 +665,8 @@ class ResilientEngine:
             op.ended(scope, None)
 
     async def _capture_xid(self, owner: Any) -> int | None:
-        if isinstance(owner, AsyncSession):
-            conn = await AsyncSession.connection(owner)
-        else:
-            conn = owner
         result = await AsyncConnection.exec_driver_sql(
-            conn, "SELECT pg_current_xact_id_if_assigned()::text"
+            await _connection_of(owner), "SELECT pg_current_xact_id_if_assigned()::text"
         )
         value = result.scalar_one_or_none()
         return None if value is None else int(value)

@@ -23,7 +23,6 @@ nothing for instrumentation: one clock read and two attribute loads.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -32,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 
-from ._classify import find_sqlite_code, find_sqlstate
+from ._classify import _EXIT_EXCEPTIONS, find_sqlite_code, find_sqlstate
 from ._correlation import _lookup
 from ._errors import CircuitOpenError, CommitOutcomeUnknown
 from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
@@ -72,7 +71,6 @@ CommitOutcome: TypeAlias = Literal["committed", "rejected", "unknown"]
 """What is known of the COMMITs an attempt sent: it returned, the server refused it
 (nothing was committed), or nobody knows (the work may be durable)."""
 
-_EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 _SYSTEM_NAMES: Final = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}
 

@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, NoReturn, ParamSpec, TypeVar, cast, over
 
 from . import _instrument
 from . import _validate as v
-from ._classify import Classification, Classifier, ErrorCategory, resolve
+from ._classify import _EXIT_EXCEPTIONS, Classification, Classifier, ErrorCategory, resolve
 from ._errors import CircuitOpenError, CommitOutcomeUnknown
 from ._instrument import _NO_STATEMENT, _STATE, DatabaseTarget, _Operation, describe
 from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
@@ -74,7 +74,6 @@ class _Default:
 
 DEFAULT: Final = _Default()
 
-_EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 _monotonic = time.monotonic
 
@@ -583,7 +582,7 @@ class Policy:
         name: str,
     ) -> Any:
         breaker, bulkhead = self._breaker, self._bulkhead
-        op = scope.telemetry if isinstance(scope.telemetry, _Operation) else None
+        op = _instrument._current_operation(scope)
 
         async def attempt() -> Any:
             scope.attempt = AttemptState()

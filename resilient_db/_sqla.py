@@ -43,7 +43,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.pool import Pool
 
-from ._classify import find_sqlstate, is_definitive_rejection
+from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
 from ._scope import _SCOPE, EPOCH_KEY, CommitStatus
 
 __all__ = ["install_commit_tracking", "uninstall_commit_tracking"]
@@ -113,15 +113,19 @@ def _on_handle_error(context: ExceptionContext) -> None:
     scope = _SCOPE.get()
     if scope is None or not scope.in_call:
         return
-    if not context.is_disconnect and find_sqlstate(context.original_exception) == "25006":
-        # A write refused as read-only: the pool probably points at a demoted primary
-        # after a failover. Treat it as a disconnect, so that SQLAlchemy invalidates
-        # this connection and every other one of its generation in the pool (each is
-        # closed and replaced at its next checkout, in its own loop).
+    code = None if context.is_disconnect else find_sqlstate(context.original_exception)
+    rule = None if code is None else _lookup_sqlstate(code)
+    if rule is not None and rule.failover:
+        # A write refused as read-only (25006, the rule table's failover flag): the
+        # pool probably points at a demoted primary after a failover. Treat it as a
+        # disconnect, so that SQLAlchemy invalidates this connection and every other
+        # one of its generation in the pool (each is closed and replaced at its next
+        # checkout, in its own loop).
         context.is_disconnect = True
         context.invalidate_pool_on_disconnect = True
         logger.warning(
-            "write refused by a read-only server (25006): invalidating the pool",
+            "write refused by a read-only server (%s): invalidating the pool",
+            code,
             extra={"resilient_db_event": "failover"},
         )
     conn = context.connection

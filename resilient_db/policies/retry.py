@@ -34,6 +34,7 @@ from typing import TypeVar
 import tenacity
 
 from .. import _validate as v
+from .._classify import _EXIT_EXCEPTIONS
 from .._scope import CallScope
 from .budget import RetryBudget
 
@@ -42,8 +43,6 @@ __all__ = ["Backoff", "RetryPolicy", "is_testing", "set_testing"]
 logger = logging.getLogger("resilient_db")
 
 T = TypeVar("T")
-
-_EXIT_EXCEPTIONS = (asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @dataclass(frozen=True, slots=True)
