@@ -468,7 +468,8 @@ class ResilientEngine:
         self,
         owner: GuardedConnection | GuardedSession,
         statement: Any,
-        read_only: bool,
+        read_only: bool | None,
+        options: Mapping[str, Any] | None,
         fn: Callable[..., Awaitable[T]],
         *args: Any,
         **kwargs: Any,
@@ -494,6 +495,9 @@ class ResilientEngine:
             fresh = not _in_transaction(owner)
             if fresh and isinstance(owner, AsyncSession):
                 self._check_pool_capacity()  # this statement will check a connection out
+            if read_only is None:
+                # Only a statement that opens its transaction may be retried alone.
+                read_only = fresh and is_read_only(statement, options)
             if read_only and fresh:
                 return await self._read._invoke(  # type: ignore[no-any-return]
                     _retry_alone, (owner, fn, args, kwargs), {}, fn, self._target, statement
@@ -878,7 +882,8 @@ class GuardedConnection(AsyncConnection):
             return await self._db._guard(
                 self,
                 statement,
-                is_read_only(statement, execution_options),
+                None,
+                execution_options,
                 AsyncConnection.execute,
                 self,
                 statement,
@@ -890,7 +895,8 @@ class GuardedConnection(AsyncConnection):
             return await self._db._guard(
                 self,
                 statement,
-                is_read_only(statement, execution_options),
+                None,
+                execution_options,
                 AsyncConnection.exec_driver_sql,
                 self,
                 statement,
@@ -902,7 +908,8 @@ class GuardedConnection(AsyncConnection):
             return await self._db._guard(
                 self,
                 statement,
-                is_read_only(statement, execution_options),
+                None,
+                execution_options,
                 AsyncConnection.stream,
                 self,
                 statement,
@@ -961,7 +968,8 @@ class GuardedSession(AsyncSession):
             return await self._db._guard(
                 self,
                 statement,
-                is_read_only(statement, options),
+                None,
+                options,
                 AsyncSession.execute,
                 self,
                 statement,
@@ -975,7 +983,8 @@ class GuardedSession(AsyncSession):
             return await self._db._guard(
                 self,
                 statement,
-                is_read_only(statement, options),
+                None,
+                options,
                 AsyncSession.scalar,
                 self,
                 statement,
@@ -989,7 +998,8 @@ class GuardedSession(AsyncSession):
             return await self._db._guard(
                 self,
                 statement,
-                is_read_only(statement, options),
+                None,
+                options,
                 AsyncSession.stream,
                 self,
                 statement,
@@ -999,22 +1009,34 @@ class GuardedSession(AsyncSession):
             )
 
         async def get(self, *args, **kw):
-            return await self._db._guard(self, None, True, AsyncSession.get, self, *args, **kw)
+            return await self._db._guard(
+                self, None, True, None, AsyncSession.get, self, *args, **kw
+            )
 
         async def get_one(self, *args, **kw):
-            return await self._db._guard(self, None, True, AsyncSession.get_one, self, *args, **kw)
+            return await self._db._guard(
+                self, None, True, None, AsyncSession.get_one, self, *args, **kw
+            )
 
         async def refresh(self, *args, **kw):
-            return await self._db._guard(self, None, True, AsyncSession.refresh, self, *args, **kw)
+            return await self._db._guard(
+                self, None, True, None, AsyncSession.refresh, self, *args, **kw
+            )
 
         async def flush(self, *args, **kw):
-            return await self._db._guard(self, None, False, AsyncSession.flush, self, *args, **kw)
+            return await self._db._guard(
+                self, None, False, None, AsyncSession.flush, self, *args, **kw
+            )
 
         async def merge(self, *args, **kw):
-            return await self._db._guard(self, None, False, AsyncSession.merge, self, *args, **kw)
+            return await self._db._guard(
+                self, None, False, None, AsyncSession.merge, self, *args, **kw
+            )
 
         async def delete(self, *args, **kw):
-            return await self._db._guard(self, None, False, AsyncSession.delete, self, *args, **kw)
+            return await self._db._guard(
+                self, None, False, None, AsyncSession.delete, self, *args, **kw
+            )
 
         async def commit(self) -> None:
             if not self.in_transaction():

@@ -489,7 +489,6 @@ class Policy:
                 ends = start + limit
                 if outer_deadline is None or ends < outer_deadline:
                     attempt.deadline_at = ends
-                attempt.armed += 1
                 if attempt.timers is None:
                     attempt.timers = [timer]
                 else:
@@ -503,7 +502,6 @@ class Policy:
                 else:
                     timer.settle(None)
                 finally:
-                    attempt.armed -= 1
                     attempt.deadline_at = outer_deadline
                     attempt.timers.remove(timer)
         except BaseException as exc:

@@ -61,14 +61,13 @@ class AttemptState:
     inflight: dict[int, tuple[dict[Any, Any], int, Any]] | None = None
     """Driver connections with a statement or COMMIT in flight: id -> (pool record
     info, checkout epoch, DBAPI connection). See ``_sqla`` and ``_abort``."""
-    armed: int = 0
-    """How many attempt timers currently watch this attempt (nested calls add theirs)."""
     expired_by: object = None
     """The timer whose time ran out (set just before it aborts the I/O in flight)."""
     deadline_at: float | None = None
     """When the nearest armed timer runs out (policy clock), for server-side timeouts."""
     timers: list[Any] | None = None
-    """The armed ``AttemptTimer``s (see :meth:`disarm`)."""
+    """The armed ``AttemptTimer``s, nested calls' included (see :meth:`disarm`); empty
+    or ``None`` when no timer watches the attempt."""
 
     def disarm(self) -> None:
         """Stop the armed timers from cancelling the task (used while a COMMIT's

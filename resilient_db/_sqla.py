@@ -66,7 +66,7 @@ def _on_commit(conn: Connection) -> None:
     if scope is None or not scope.in_call:
         return
     scope.attempt.record_commit(conn)
-    if scope.attempt.armed:
+    if scope.attempt.timers:
         _register(conn, scope.attempt)
 
 
@@ -80,7 +80,7 @@ def _on_before_execute(
 ) -> None:
     scope = _SCOPE.get()
     if scope is not None:
-        if scope.attempt.armed:
+        if scope.attempt.timers:
             _register(conn, scope.attempt)
         op = (scope.root or scope).telemetry
         if op is not None and op.wants_statement:
