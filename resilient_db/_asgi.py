@@ -10,7 +10,8 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, TypeAlias
 
-from ._correlation import _CORRELATION_ID, _trace_id, new_correlation_id
+from . import _validate as v
+from ._correlation import correlation_context
 
 __all__ = ["CorrelationIdMiddleware"]
 
@@ -64,15 +65,11 @@ class CorrelationIdMiddleware:
             raise TypeError(f"app must be an ASGI application (a callable); got {app!r}")
         if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
             raise ValueError(f"header must be a valid HTTP header name; got {header!r}")
-        if not isinstance(trust_incoming, bool):
-            raise TypeError(f"trust_incoming must be True or False; got {trust_incoming!r}")
-        if not isinstance(echo, bool):
-            raise TypeError(f"echo must be True or False; got {echo!r}")
         self.app = app
         self.header = header
         self._header = header.lower().encode("latin-1")
-        self.trust_incoming = trust_incoming
-        self.echo = echo
+        self.trust_incoming = v.boolean("trust_incoming", trust_incoming)
+        self.echo = v.boolean("echo", echo)
 
     def _incoming(self, scope: Scope) -> str | None:
         request_id: bytes | None = None
@@ -100,24 +97,20 @@ class CorrelationIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = self._incoming(scope) if self.trust_incoming else None
-        correlation_id = incoming or _trace_id() or new_correlation_id()
-        state = scope.get("state")
-        if isinstance(state, MutableMapping):
-            state["correlation_id"] = correlation_id  # request.state.correlation_id
-        reply = send
-        if self.echo:
-            header = (self._header, correlation_id.encode("latin-1", errors="replace"))
+        with correlation_context(incoming) as correlation_id:
+            state = scope.get("state")
+            if isinstance(state, MutableMapping):
+                state["correlation_id"] = correlation_id  # request.state.correlation_id
+            reply = send
+            if self.echo:
+                header = (self._header, correlation_id.encode("latin-1", errors="replace"))
 
-            async def reply(message: Message) -> None:
-                if message.get("type") in ("http.response.start", "websocket.accept"):
-                    headers = list(message.get("headers") or ())
-                    if not any(name.lower() == self._header for name, _ in headers):
-                        headers.append(header)
-                    message["headers"] = headers
-                await send(message)
+                async def reply(message: Message) -> None:
+                    if message.get("type") in ("http.response.start", "websocket.accept"):
+                        headers = list(message.get("headers") or ())
+                        if not any(name.lower() == self._header for name, _ in headers):
+                            headers.append(header)
+                        message["headers"] = headers
+                    await send(message)
 
-        token = _CORRELATION_ID.set(correlation_id)
-        try:
             await self.app(scope, receive, reply)
-        finally:
-            _CORRELATION_ID.reset(token)

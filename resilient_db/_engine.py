@@ -52,7 +52,7 @@ from . import _instrument
 from . import _validate as v
 from ._abort import abort_driver_connection, pending_cancel_requests
 from ._classify import _EXIT_EXCEPTIONS, Classifier, resolve
-from ._correlation import _lookup
+from ._correlation import current_correlation_id
 from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
 from ._instrument import _STATE, DatabaseTarget, _Operation
 from ._policy import DEFAULT, Policy, _Default
@@ -592,7 +592,7 @@ class ResilientEngine:
             if self.lock_timeout is not None:
                 settings.append(("lock_timeout", f"{max(1, int(self.lock_timeout * 1000))}ms"))
         if self.correlation_in_application_name:
-            correlation_id = _lookup(True) or ""
+            correlation_id = current_correlation_id()
             settings.append(
                 ("application_name", application_name(self.application_name_prefix, correlation_id))
             )
@@ -849,7 +849,7 @@ def _add_sql_comment(
 ) -> tuple[str, Any]:
     if "*/" in statement:
         return statement, parameters  # sqlcommenter: never touch a commented statement
-    fields = {"correlation_id": _lookup(True) or ""}
+    fields = {"correlation_id": current_correlation_id()}
     span_context = trace.get_current_span().get_span_context()
     if span_context.is_valid:
         fields["traceparent"] = (

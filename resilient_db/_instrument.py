@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 
 from ._classify import _EXIT_EXCEPTIONS, find_sqlite_code, find_sqlstate
-from ._correlation import _lookup
+from ._correlation import current_correlation_id
 from ._errors import CircuitOpenError, CommitOutcomeUnknown
 from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
 from .policies.breaker import (
@@ -643,9 +643,7 @@ def begin(
 ) -> _Operation:
     """Start observing the operation of ``scope`` (a root scope); only when active."""
     name, db_operation = describe(label, target, statement)
-    correlation_id = _lookup(True)
-    assert correlation_id is not None
-    scope.correlation_id = correlation_id
+    correlation_id = current_correlation_id()
     op = _Operation(_STATE.active, clock, start, name, correlation_id, target, db_operation)
     scope.telemetry = op
     return op
@@ -703,8 +701,7 @@ def retry_scheduled(
     op = _current_operation(scope)
     if op is not None:
         op.backoff = delay
-    correlation_id = _lookup(True)
-    assert correlation_id is not None
+    correlation_id = current_correlation_id()
     _emit(
         op,
         RetryScheduled(
@@ -722,8 +719,7 @@ def retry_scheduled(
 
 def breaker_rejected(scope: CallScope, error: CircuitOpenError) -> None:
     op = _current_operation(scope)
-    correlation_id = _lookup(True)
-    assert correlation_id is not None
+    correlation_id = current_correlation_id()
     _emit(
         op,
         BreakerRejected(
@@ -741,8 +737,7 @@ def commit_outcome_unknown(
     cancelled: bool = False,
 ) -> None:
     op = _current_operation(scope)
-    correlation_id = _lookup(True)
-    assert correlation_id is not None
+    correlation_id = current_correlation_id()
     _emit(
         op,
         UnknownCommitOutcome(

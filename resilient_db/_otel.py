@@ -34,7 +34,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from . import _validate as v
-from ._correlation import _lookup
+from ._correlation import current_correlation_id
 from ._instrument import (
     _STATE,
     AttemptEnded,
@@ -654,7 +654,7 @@ def _statement_started(
     attributes = _target_attributes(target)
     if verb is not None:
         attributes["db.operation.name"] = verb
-    attributes[CORRELATION_ID] = _lookup(True) or ""
+    attributes[CORRELATION_ID] = current_correlation_id()
     if hook.query_text:
         attributes["db.query.text"] = statement
     if executemany:
