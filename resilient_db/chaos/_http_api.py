@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
 from .. import __version__
-from ._toxics import TOXIC_TYPES, Toxic
+from ._toxics import TOXIC_TYPES, DuplicateToxicError, Toxic
 
 if TYPE_CHECKING:
     from .proxy import ChaosProxy
@@ -444,9 +444,9 @@ class ToxiproxyServer:
                 toxic = toxic_from_json(body)
                 try:
                     proxy.add_toxic(toxic)
+                except DuplicateToxicError as exc:
+                    raise ApiError(409, "toxic already exists") from exc
                 except ValueError as exc:
-                    if "already has a toxic" in str(exc):
-                        raise ApiError(409, "toxic already exists") from exc
                     raise _bad("bad request body", exc) from exc
                 return 200, toxic_to_json(toxic)
             raise ApiError(405, "method not allowed")

@@ -100,6 +100,10 @@ def _number(name: str, value: object, *, minimum: float = 0.0, unit: str = "seco
     return result
 
 
+class DuplicateToxicError(ValueError):
+    """A proxy already has a toxic of that name (the HTTP API answers 409)."""
+
+
 # -- the configuration -----------------------------------------------------------------
 
 

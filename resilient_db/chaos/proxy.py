@@ -85,6 +85,7 @@ from ._toxics import (
     TOXIC_TYPES,
     Bandwidth,
     DropCommitAck,
+    DuplicateToxicError,
     FailFirstN,
     Latency,
     LimitData,
@@ -1440,7 +1441,9 @@ class ChaosProxy:
             )
         names = [t.name for t in self._toxics]
         if toxic.name in names and toxic.name != replace:
-            raise ValueError(f"proxy {self.name!r} already has a toxic named {toxic.name!r}")
+            raise DuplicateToxicError(
+                f"proxy {self.name!r} already has a toxic named {toxic.name!r}"
+            )
         if replace is None:
             self._toxics = (*self._toxics, toxic)
         else:
