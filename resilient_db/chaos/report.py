@@ -708,6 +708,7 @@ def write_reports(
     is an extra copy of the JUnit XML where CI expects it.
     """
     files: dict[str, str] = {}
+    xml = junit_xml(result)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         operations = folder / "operations.jsonl"
@@ -726,11 +727,11 @@ def write_reports(
         files["samples.jsonl"] = str(folder / "samples.jsonl")
         (folder / "report.html").write_text(render_html(result), encoding="utf-8")
         files["report.html"] = str(folder / "report.html")
-        (folder / "junit.xml").write_text(junit_xml(result), encoding="utf-8")
+        (folder / "junit.xml").write_text(xml, encoding="utf-8")
         files["junit.xml"] = str(folder / "junit.xml")
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(junit_xml(result), encoding="utf-8")
+        junit.write_text(xml, encoding="utf-8")
         files["junit"] = str(junit)
     if folder is not None:
         files["report.json"] = str(folder / "report.json")

@@ -52,6 +52,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -339,6 +340,8 @@ class _Run:
         self.t0 = self.loop.time()
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.records: list[OperationRecord] = []
+        self.outcomes: Counter[str] = Counter()
+        """``records`` counted by outcome, kept as they are appended (for the progress line)."""
         self.samples: list[Sample] = []
         self.breaker_events: list[BreakerEvent] = []
         self.activities: dict[str, dict[str, Any]] = {}
@@ -715,6 +718,7 @@ class _Run:
         finally:
             _SQLITE_BEGIN.reset(token)
             self.in_flight -= 1
+            self.outcomes[outcome] += 1
             self.records.append(
                 OperationRecord(
                     index=index,
@@ -772,15 +776,14 @@ class _Run:
         assert progress is not None
         while True:
             at = self.now()
-            records = self.records
             progress.update(
                 ProgressState(
                     elapsed=min(at, self.scenario.duration),
                     duration=self.scenario.duration,
                     phases=self.phases_at(at),
-                    ops=len(records),
-                    ok=sum(1 for r in records if r.outcome == "ok"),
-                    unknown=sum(1 for r in records if r.outcome == "unknown"),
+                    ops=len(self.records),
+                    ok=self.outcomes["ok"],
+                    unknown=self.outcomes["unknown"],
                     breaker=self.breaker.state.value if self.breaker is not None else "none",
                 )
             )

@@ -551,8 +551,6 @@ def parse_scenario(
 
 # -- validation ------------------------------------------------------------------------------
 
-_Check: TypeAlias = Callable[[str, object], Any]
-
 _ACCEPTED_NUMBER = "a number"
 
 
@@ -1512,11 +1510,6 @@ _STRATEGY_BUILDERS: Final[dict[str, Callable[..., Strategy]]] = {
     "latency": latency,
     "connect_failure": connect_failure,
 }
-
-
-def accepted_fault_kinds() -> dict[str, tuple[str, ...]]:
-    """Fault kinds by ``via`` (for help texts and docs)."""
-    return {"proxy": tuple(sorted(_PROXY_KINDS)), "injector": tuple(sorted(_INJECTOR_KINDS))}
 
 
 def parse_fault(text: str, *, source: str = "--fault", phase: str = "cli") -> FaultSpec:
