@@ -17,6 +17,7 @@ text tables, and the JSON writer. Durations are measured with ``perf_counter``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -122,6 +123,40 @@ async def interleave(
     return rows
 
 
+async def paced(
+    op: Op,
+    *,
+    callers: int,
+    interval: float,
+    start: float,
+    end: float,
+    on_result: Callable[[Exception | None], None],
+) -> None:
+    """``callers`` callers, each calling ``op`` once per ``interval`` seconds of loop time
+    from ``start`` (their first calls spread over one interval) until ``end``; a caller
+    that falls behind skips the ticks it missed; calls in flight finish. ``on_result``
+    gets each call's exception, or ``None`` when it succeeded."""
+    loop = asyncio.get_running_loop()
+
+    async def caller(index: int) -> None:
+        next_at = start + interval * index / callers
+        while True:
+            delay = next_at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if loop.time() >= end:
+                return
+            try:
+                await op()
+            except Exception as exc:
+                on_result(exc)
+            else:
+                on_result(None)
+            next_at = max(next_at + interval, loop.time())
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+
+
 def ratio_between(
     rows: Sequence[Row], numerator: str, denominator: str, *, cpu: bool = False
 ) -> float:
@@ -149,15 +184,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
     return ordered[index]
-
-
-def table(title: str, rows: list[Row], baseline: str) -> str:
-    """The classic overhead table: variant, median µs/op, ratio to the baseline."""
-    return render(
-        title,
-        ["variant", "median µs/op", f"× {baseline}"],
-        [[row.variant, f"{row.median_us:.1f}", f"{row.ratio:.3f}"] for row in rows],
-    )
 
 
 def render(title: str, header: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -26,7 +26,6 @@ OURS_LIGHT = "#63a4e8"
 PEER = "#dd8452"
 PEER_LIGHT = "#f0b48c"
 RAW = "#8c8c8c"
-TARGET = "#c53030"
 SERIES = ["#8c8c8c", "#dd8452", "#b07aa1", "#55a868", "#2b6cb0", "#63a4e8", "#937860"]
 
 

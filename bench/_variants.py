@@ -39,6 +39,16 @@ from resilient_db import ResilientEngine
 from resilient_db._sqla import install_commit_tracking, uninstall_commit_tracking
 
 SELECT_1 = text("SELECT 1")
+
+
+@dataclass
+class Spec:
+    """A contender of the load figures: its name, and how to build it on an engine."""
+
+    name: str
+    build: Callable[[AsyncEngine], Op]
+
+
 RETRYABLE: tuple[type[Exception], ...] = (sa_exc.DBAPIError, OSError)
 """What a hand-written retry usually catches (``TimeoutError`` is an ``OSError``)."""
 

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench._context import Context, host_port
-from bench._harness import Figure, Op, Table, Target
+from bench._harness import Figure, Op, Table, Target, paced
 from bench._svg import Bars
 from bench._variants import (
     ConnectCounter,
+    Spec,
     engine_unit,
     glued_breaker,
     hand_glued,
@@ -41,12 +40,6 @@ from resilient_db.chaos import ChaosProxy
 TARGET_RATIO = 1.25
 NO_RETRY = "no retry (raw engine)"
 OURS = ("@resilient (budget + breaker)", "ResilientEngine (budget + breaker)")
-
-
-@dataclass
-class Spec:
-    name: str
-    build: Callable[[AsyncEngine], Op]
 
 
 def specs() -> list[Spec]:
@@ -78,27 +71,20 @@ def specs() -> list[Spec]:
 async def load(op: Op, *, callers: int, duration: float, interval: float) -> dict[str, Any]:
     """``callers`` paced callers for ``duration`` s; requests in flight finish."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + duration
+    started = loop.time()
     outcomes: Counter[str] = Counter()
 
-    async def caller(index: int) -> None:
-        next_at = loop.time() + interval * index / callers  # spread the first requests
-        while True:
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if loop.time() >= end:
-                return
-            try:
-                await op()
-            except Exception as exc:
-                outcomes[type(exc).__name__] += 1
-            else:
-                outcomes["success"] += 1
-            next_at = max(next_at + interval, loop.time())
+    def count(exc: Exception | None) -> None:
+        outcomes["success" if exc is None else type(exc).__name__] += 1
 
-    started = loop.time()
-    await asyncio.gather(*(caller(i) for i in range(callers)))
+    await paced(
+        op,
+        callers=callers,
+        interval=interval,
+        start=started,
+        end=started + duration,
+        on_result=count,
+    )
     return {
         "requests": sum(outcomes.values()),
         "outcomes": dict(outcomes),

@@ -34,8 +34,8 @@ import asyncpg
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._context import Context, asyncpg_dsn
-from bench._harness import Figure, Table, versions, write_json
+from bench._context import Context, asyncpg_dsn, host_port
+from bench._harness import Figure, Table, percentile, versions, write_json
 from bench._svg import Bars
 from resilient_db.chaos.proxy import ChaosProxy
 
@@ -46,12 +46,6 @@ def _dsn() -> str:
     url = os.environ.get("RESILIENT_TEST_PG_URL", DEFAULT_URL)
     _scheme, sep, rest = url.partition("://")
     return "postgresql://" + rest if sep else url  # drop "+asyncpg" and friends
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 async def _round(conn: Any, ops: int, rate: float) -> list[float]:
@@ -73,8 +67,7 @@ async def _round(conn: Any, ops: int, rate: float) -> list[float]:
 
 async def measure(dsn: str, *, rounds: int, ops: int, rate: float) -> dict[str, Any]:
     """Interleave direct and proxied rounds; return per-round p50/p99 and their medians."""
-    host_port = dsn.split("@", 1)[-1].split("/", 1)[0]
-    async with ChaosProxy(host_port, name="bench") as proxy:
+    async with ChaosProxy(host_port(dsn), name="bench") as proxy:
         direct = await asyncpg.connect(dsn)
         proxied = await asyncpg.connect(proxy.proxied_url(dsn))
         try:
@@ -90,7 +83,7 @@ async def measure(dsn: str, *, rounds: int, ops: int, rate: float) -> dict[str, 
                     per_round[label].append(
                         {
                             "p50_us": statistics.median(durations) * 1e6,
-                            "p99_us": _percentile(durations, 0.99) * 1e6,
+                            "p99_us": percentile(durations, 0.99) * 1e6,
                         }
                     )
         finally:

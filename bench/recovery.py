@@ -15,16 +15,15 @@ here instead of the 10 s defaults, to keep the run short; the bound to check is
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench._context import Context, host_port
-from bench._harness import Figure, Op, Table, Target
+from bench._harness import Figure, Op, Table, Target, paced
 from bench._svg import Lines
 from bench._variants import (
+    Spec,
     engine_unit,
     glued_breaker,
     hand_glued,
@@ -36,12 +35,6 @@ from resilient_db.chaos import ChaosProxy
 
 MARGIN_S = 0.5
 OURS = ("@resilient", "ResilientEngine")
-
-
-@dataclass
-class Spec:
-    name: str
-    build: Callable[[AsyncEngine], Op]
 
 
 def specs(reset: float) -> list[Spec]:
@@ -84,22 +77,12 @@ async def timeline(
     failures = 0
     marks: dict[str, float] = {}
 
-    async def caller(index: int) -> None:
+    def note(exc: Exception | None) -> None:
         nonlocal failures
-        next_at = start + interval * index / callers
-        while True:
-            delay = next_at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if loop.time() >= end:
-                return
-            try:
-                await op()
-            except Exception:
-                failures += 1
-            else:
-                successes.append(loop.time())
-            next_at = max(next_at + interval, loop.time())
+        if exc is None:
+            successes.append(loop.time())
+        else:
+            failures += 1
 
     async def operator() -> None:
         await asyncio.sleep(healthy)
@@ -110,7 +93,10 @@ async def timeline(
         marks["up"] = loop.time()
 
     try:
-        await asyncio.gather(operator(), *(caller(i) for i in range(callers)))
+        await asyncio.gather(
+            operator(),
+            paced(op, callers=callers, interval=interval, start=start, end=end, on_result=note),
+        )
     finally:
         proxy.enable()
     up, down = marks["up"], marks["down"]
