@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -92,6 +93,13 @@ def pg_dsn(pg_url: str) -> str:
 
 
 @pytest.fixture
+def upstream(pg_url: str) -> str:
+    """``"host:port"`` of the test server, for a ChaosProxy in front of it."""
+    url = make_url(pg_url)
+    return f"{url.host}:{url.port or 5432}"
+
+
+@pytest.fixture
 async def pg_engine(pg_url: str) -> AsyncIterator[AsyncEngine]:
     """An asyncpg engine on the run's database, disposed after the test."""
     engine = create_async_engine(pg_url)
@@ -99,6 +107,16 @@ async def pg_engine(pg_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def accounts(pg_engine: AsyncEngine) -> AsyncEngine:
+    """A fresh ``accounts`` table, two rows of balance 100 (ids 1 and 2)."""
+    async with pg_engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS accounts"))
+        await conn.execute(text("CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)"))
+        await conn.execute(text("INSERT INTO accounts VALUES (1, 100), (2, 100)"))
+    return pg_engine
 
 
 class Witness:
@@ -154,6 +172,16 @@ def sqlite_url(tmp_path: Path) -> str:
     """An aiosqlite URL on a fresh file (never ``:memory:``, whose one shared
     connection lets one coroutine's ROLLBACK discard another's work)."""
     return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture
+async def sqlite_engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
+    """An aiosqlite engine on a fresh file, disposed after the test."""
+    engine = create_async_engine(sqlite_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from conftest import Witness
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from resilient_db import (
     CorrelationIdFilter,
@@ -23,13 +22,6 @@ from resilient_db import (
 from resilient_db._engine import application_name, sqlcommenter
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture
-async def sqlite_engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(sqlite_url)
-    yield engine
-    await engine.dispose()
 
 
 def test_the_context_sets_the_id_and_restores_the_previous_one() -> None:

@@ -168,11 +168,8 @@ async def test_only_the_outermost_unit_retries(ledger: AsyncEngine) -> None:
 
 
 @pytest.fixture
-def proxy(pg_url: str) -> Any:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(pg_url)
-    with ChaosProxy(f"{url.host}:{url.port or 5432}") as running:
+def proxy(upstream: str) -> Any:
+    with ChaosProxy(upstream) as running:
         yield running
 
 

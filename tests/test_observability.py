@@ -37,15 +37,6 @@ def telemetry() -> Iterator[Telemetry]:
         yield t
 
 
-@pytest.fixture
-async def accounts(pg_engine: AsyncEngine) -> AsyncEngine:
-    async with pg_engine.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS accounts"))
-        await conn.execute(text("CREATE TABLE accounts (id int PRIMARY KEY, balance int)"))
-        await conn.execute(text("INSERT INTO accounts VALUES (1, 100), (2, 100)"))
-    return pg_engine
-
-
 def attrs(span: object) -> dict[str, object]:
     return dict(getattr(span, "attributes", None) or {})
 

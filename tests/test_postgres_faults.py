@@ -23,15 +23,6 @@ from resilient_db import AttemptTimeout, ErrorCategory, classify, resilient
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-async def accounts(pg_engine: AsyncEngine) -> AsyncEngine:
-    async with pg_engine.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS accounts"))
-        await conn.execute(text("CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL)"))
-        await conn.execute(text("INSERT INTO accounts VALUES (1, 100), (2, 100)"))
-    return pg_engine
-
-
 class Recorder:
     """An injectable backoff sleep that runs a hook on the first backoff."""
 

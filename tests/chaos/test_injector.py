@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import asyncpg
@@ -44,15 +44,6 @@ DRIVERS = [
     pytest.param("aiosqlite", id="aiosqlite"),
     pytest.param("asyncpg", id="asyncpg", marks=pytest.mark.postgres),
 ]
-
-
-@pytest.fixture
-async def sqlite_engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(sqlite_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture(params=DRIVERS)

@@ -24,15 +24,6 @@ from resilient_db.chaos.injector import (
 
 
 @pytest.fixture
-async def sqlite_engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(sqlite_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture
 async def asyncpg_engine() -> AsyncIterator[AsyncEngine]:
     """An asyncpg engine that never connects (building it needs no server)."""
     engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")

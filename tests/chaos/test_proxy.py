@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 from conftest import Witness
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import make_url, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from resilient_db import (
@@ -43,12 +43,6 @@ pytestmark = pytest.mark.postgres
 # SQLAlchemy may close a connection whose call timed out with close(timeout=2): on a
 # silent network the error can surface as late as T + 2 s (see DB-FAILURE-FACTS).
 SQLALCHEMY_CLOSE_WAIT = 2.0
-
-
-@pytest.fixture
-def upstream(pg_dsn: str) -> str:
-    url = make_url(pg_dsn)
-    return f"{url.host}:{url.port or 5432}"
 
 
 @pytest.fixture

@@ -50,12 +50,6 @@ async def api() -> AsyncIterator[ToxiproxyServer]:
         yield server
 
 
-@pytest.fixture
-def upstream(pg_dsn: str) -> str:
-    url = make_url(pg_dsn)
-    return f"{url.host}:{url.port or 5432}"
-
-
 def _dsn_through(pg_dsn: str, listen: str) -> str:
     host, _, port = listen.rpartition(":")
     return make_url(pg_dsn).set(host=host, port=int(port)).render_as_string(hide_password=False)
