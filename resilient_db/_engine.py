@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -951,6 +952,35 @@ class _GuardedSessionTransaction(AsyncSessionTransaction):
             await AsyncSessionTransaction.__aexit__(self, type_, value, traceback)
 
 
+def _session_statement(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """``AsyncSession.execute``, ``scalar`` or ``stream``, run under the engine's policy."""
+
+    @functools.wraps(method)
+    async def guarded(
+        self: GuardedSession,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> T:
+        options = execution_options or {}
+        return await self._db._guard(
+            self,
+            statement,
+            None,
+            options,
+            method,
+            self,
+            statement,
+            params,
+            execution_options=options,
+            **kw,
+        )
+
+    return guarded
+
+
 class GuardedSession(AsyncSession):
     """An ``AsyncSession`` whose statements and COMMITs run under the engine's policy."""
 
@@ -963,50 +993,9 @@ class GuardedSession(AsyncSession):
         def begin(self) -> AsyncSessionTransaction:
             return _GuardedSessionTransaction(self)
 
-        async def execute(self, statement, params=None, *, execution_options=None, **kw):
-            options = execution_options or {}
-            return await self._db._guard(
-                self,
-                statement,
-                None,
-                options,
-                AsyncSession.execute,
-                self,
-                statement,
-                params,
-                execution_options=options,
-                **kw,
-            )
-
-        async def scalar(self, statement, params=None, *, execution_options=None, **kw):
-            options = execution_options or {}
-            return await self._db._guard(
-                self,
-                statement,
-                None,
-                options,
-                AsyncSession.scalar,
-                self,
-                statement,
-                params,
-                execution_options=options,
-                **kw,
-            )
-
-        async def stream(self, statement, params=None, *, execution_options=None, **kw):
-            options = execution_options or {}
-            return await self._db._guard(
-                self,
-                statement,
-                None,
-                options,
-                AsyncSession.stream,
-                self,
-                statement,
-                params,
-                execution_options=options,
-                **kw,
-            )
+        execute = _session_statement(AsyncSession.execute)
+        scalar = _session_statement(AsyncSession.scalar)
+        stream = _session_statement(AsyncSession.stream)
 
         async def get(self, *args, **kw):
             return await self._db._guard(
