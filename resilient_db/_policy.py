@@ -134,6 +134,7 @@ class Policy:
         "_bulkhead",
         "_classifier",
         "_clock",
+        "_guards",
         "_name",
         "_retry",
         "_timeouts",
@@ -187,6 +188,9 @@ class Policy:
         self._breaker = _resolve_breaker(breaker)
         _instrument.track_breaker(self._breaker)
         self._bulkhead = _resolve_bulkhead(bulkhead)
+        self._guards: tuple[object, ...] = ()
+        if self._breaker is not None or self._bulkhead is not None:
+            self._guards = (self._breaker, self._bulkhead)
         if classifier is not None and not callable(classifier):
             raise TypeError(f"classifier must be callable or None; got {classifier!r}")
         self._classifier = classifier
@@ -373,10 +377,7 @@ class Policy:
             remaining = outer.deadline_at - outer.clock()
             if deadline_at is None or start + remaining < deadline_at:
                 deadline_at = start + remaining
-        guards: tuple[object, ...] = ()
-        if self._breaker is not None or self._bulkhead is not None:
-            guards = (self._breaker, self._bulkhead)
-        scope = CallScope(clock, deadline_at, True, AttemptState(), 1, guards)
+        scope = CallScope(clock, deadline_at, True, AttemptState(), 1, self._guards)
         token = _SCOPE.set(scope)
         if _STATE.recheck_at <= _monotonic():
             _instrument.refresh_instrumentation()
@@ -455,7 +456,10 @@ class Policy:
     ) -> Any:
         """One attempt: breaker → bulkhead → timeout → call."""
         timeouts = self._timeouts
-        limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
+        if scope.deadline_at is None:
+            limit, by_deadline = timeouts.timeout, False
+        else:
+            limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
         permit = 0
         if breaker is not None:
             try:
@@ -484,7 +488,7 @@ class Policy:
                 # on a graceful close), and cancel the task only if nothing was in
                 # flight or the driver did not give up within ABORT_GRACE.
                 attempt = scope.attempt
-                timer = AttemptTimer(attempt, limit, asyncio.get_running_loop())
+                timer = AttemptTimer(attempt, limit)
                 outer_deadline = attempt.deadline_at
                 ends = start + limit
                 if outer_deadline is None or ends < outer_deadline:
@@ -564,7 +568,7 @@ class Policy:
                 in (ErrorCategory.CONNECTION, ErrorCategory.TIMEOUT, ErrorCategory.CANCELLED)
             )
         ):
-            scope.attempt.extra["replacement"] = _commit_unknown(scope, unsafe, exc)
+            scope.attempt.replacement = _commit_unknown(scope, unsafe, exc)
             return False, reason + "; a COMMIT was sent during the attempt: not retried"
         return verdict.retryable, reason
 
@@ -610,7 +614,8 @@ class Policy:
 
     def _raise_final(self, scope: CallScope, exc: BaseException, name: str = "call") -> NoReturn:
         """Raise the error the caller gets: the original, or CommitOutcomeUnknown."""
-        replacement = scope.attempt.extra.pop("replacement", None)
+        replacement = scope.attempt.replacement
+        scope.attempt.replacement = None
         if replacement is None:
             if isinstance(exc, CommitOutcomeUnknown):
                 _instrument.commit_outcome_unknown(
