@@ -13,19 +13,18 @@ import enum
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._errors import CommitOutcomeUnknown
 
 __all__ = [
-    "EPOCH_KEY",
     "AttemptState",
     "CallScope",
     "CommitRecord",
     "CommitStatus",
     "current_scope",
 ]
-
-EPOCH_KEY = "resilient_db.checkout_epoch"
-"""Key in a pool connection record's ``info``: bumped at every checkout and checkin."""
 
 
 class CommitStatus(enum.Enum):
@@ -57,10 +56,11 @@ class AttemptState:
     """What one attempt did, filled in by lower layers while it runs."""
 
     commits: list[CommitRecord] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    inflight: dict[int, tuple[dict[Any, Any], int, Any]] | None = None
-    """Driver connections with a statement or COMMIT in flight: id -> (pool record
-    info, checkout epoch, DBAPI connection). See ``_sqla`` and ``_abort``."""
+    replacement: CommitOutcomeUnknown | None = None
+    """The error the caller gets instead of the attempt's own (``CommitOutcomeUnknown``)."""
+    inflight: dict[Any, None] | None = None
+    """SQLAlchemy connections with a statement or COMMIT in flight for this attempt
+    (registered and unregistered by the listeners in ``_sqla``; see ``_abort``)."""
     expired_by: object = None
     """The timer whose time ran out (set just before it aborts the I/O in flight)."""
     deadline_at: float | None = None
@@ -77,28 +77,22 @@ class AttemptState:
         for timer in self.timers or ():
             timer.disarm()
 
-    def register_inflight(self, dbapi_connection: Any, info: dict[Any, Any]) -> None:
-        if self.inflight is None:
-            self.inflight = {}
-        self.inflight[id(dbapi_connection)] = (info, info.get(EPOCH_KEY, 0), dbapi_connection)
-
-    def unregister_inflight(self, dbapi_connection: Any) -> None:
-        if self.inflight:
-            self.inflight.pop(id(dbapi_connection), None)
-
     def abort_inflight(self) -> bool:
-        """Abort every driver connection still working for this attempt.
+        """Abort the driver connection of every statement still in flight for this
+        attempt; ``True`` if any was aborted.
 
-        A connection that went back to the pool since it was registered (its
-        checkout epoch moved) is left alone: it may belong to someone else now.
+        A connection that was closed (back in the pool: it may belong to someone
+        else now) or invalidated since it was registered is left alone.
         """
         from ._abort import abort_driver_connection
 
         if not self.inflight:
             return False
         aborted = False
-        for info, epoch, dbapi_connection in list(self.inflight.values()):
-            if info.get(EPOCH_KEY, 0) == epoch and abort_driver_connection(dbapi_connection):
+        for connection in list(self.inflight):
+            if connection.closed or connection.invalidated:
+                continue
+            if abort_driver_connection(connection.connection.dbapi_connection):
                 aborted = True
         self.inflight = None
         return aborted

@@ -19,12 +19,13 @@ completion under a shield and re-raises the cancellation *after* it committed.
 
 Two more listeners fire per statement, and only do work inside an attempt that
 has a time limit (or, once per observed operation, to tell the instrumentation
-which database it talks to): ``before_cursor_execute`` registers the driver connection as
-busy for the attempt, ``after_cursor_execute`` unregisters it. When the attempt's
-time runs out, those connections are aborted at the driver level (see
-``_abort``) instead of waiting for SQLAlchemy's graceful 2-second close. Pool
-``checkout``/``checkin`` bump an epoch in the connection record's ``info`` so that
-a connection that went back to the pool is never aborted on someone else's behalf.
+which database it talks to): ``before_cursor_execute`` registers the SQLAlchemy
+connection as busy for the attempt, ``after_cursor_execute`` unregisters it. When
+the attempt's time runs out, those connections are aborted at the driver level
+(see ``_abort``) instead of waiting for SQLAlchemy's graceful 2-second close. A
+connection closed since (``Connection.close()`` cuts its link to the pooled
+connection, which may belong to someone else by then) or invalidated is never
+aborted.
 
 Inside a guarded call, a 25006 (read-only transaction) on a write is turned into a
 disconnect for SQLAlchemy, which then invalidates the whole pool: after a
@@ -41,10 +42,9 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
-from sqlalchemy.pool import Pool
 
 from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
-from ._scope import _SCOPE, EPOCH_KEY, CommitStatus
+from ._scope import _SCOPE, CommitStatus
 
 __all__ = ["install_commit_tracking", "uninstall_commit_tracking"]
 
@@ -55,10 +55,11 @@ _lock = threading.Lock()
 
 
 def _register(conn: Connection, attempt: Any) -> None:
-    fairy = conn.connection
-    dbapi_connection = fairy.dbapi_connection
-    if dbapi_connection is not None:
-        attempt.register_inflight(dbapi_connection, fairy.info)
+    inflight = attempt.inflight
+    if inflight is None:
+        attempt.inflight = {conn: None}
+    else:
+        inflight[conn] = None
 
 
 def _on_commit(conn: Connection) -> None:
@@ -98,15 +99,10 @@ def _on_after_execute(
     executemany: bool,
 ) -> None:
     scope = _SCOPE.get()
-    if scope is not None and scope.attempt.inflight:
-        dbapi_connection = conn.connection.dbapi_connection
-        scope.attempt.unregister_inflight(dbapi_connection)
-
-
-def _bump_epoch(dbapi_connection: Any, record: Any, *proxy: Any) -> None:
-    if record is not None:
-        info = record.info
-        info[EPOCH_KEY] = info.get(EPOCH_KEY, 0) + 1
+    if scope is not None:
+        inflight = scope.attempt.inflight
+        if inflight:
+            inflight.pop(conn, None)
 
 
 def _on_handle_error(context: ExceptionContext) -> None:
@@ -128,9 +124,9 @@ def _on_handle_error(context: ExceptionContext) -> None:
             code,
             extra={"resilient_db_event": "failover"},
         )
-    conn = context.connection
-    if conn is not None and scope.attempt.inflight:
-        scope.attempt.unregister_inflight(conn.connection.dbapi_connection)
+    inflight = scope.attempt.inflight
+    if inflight:
+        inflight.pop(context.connection, None)
     if context.statement is not None:
         return
     record = scope.attempt.pending_commit(context.connection)
@@ -147,11 +143,14 @@ def _on_later_use(conn: Connection) -> None:
     scope = _SCOPE.get()
     if scope is None or not scope.in_call:
         return
-    record = scope.attempt.pending_commit(conn)
-    if record is not None:
-        record.status = CommitStatus.RETURNED
-    if scope.attempt.inflight:
-        scope.attempt.unregister_inflight(conn.connection.dbapi_connection)
+    attempt = scope.attempt
+    if attempt.commits:
+        record = attempt.pending_commit(conn)
+        if record is not None:
+            record.status = CommitStatus.RETURNED
+    inflight = attempt.inflight
+    if inflight:
+        inflight.pop(conn, None)
 
 
 _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
@@ -161,8 +160,6 @@ _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
     (Engine, "rollback", _on_later_use),
     (Engine, "before_cursor_execute", _on_before_execute),
     (Engine, "after_cursor_execute", _on_after_execute),
-    (Pool, "checkout", _bump_epoch),
-    (Pool, "checkin", _bump_epoch),
 )
 
 

@@ -38,7 +38,6 @@ def test_every_public_class_and_function_of_the_private_modules_is_exported() ->
     internal = {
         "resilient_db._abort.abort_driver_connection",
         "resilient_db._abort.pending_cancel_requests",
-        "resilient_db._scope.EPOCH_KEY",
         "resilient_db.policies.timeout.ABORT_GRACE",
         "resilient_db.policies.timeout.AttemptTimer",
         "resilient_db._classify.resolve",

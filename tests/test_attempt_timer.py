@@ -1,0 +1,96 @@
+"""The attempt timer: armed off the event loop, and never aborting someone else's connection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from resilient_db import AttemptTimeout, resilient
+from resilient_db._scope import AttemptState
+from resilient_db._sqla import install_commit_tracking
+from resilient_db.policies import timeout as timeout_module
+from resilient_db.policies.timeout import AttemptTimer
+
+
+async def test_an_armed_attempt_timer_schedules_nothing_on_the_event_loop() -> None:
+    # A pending loop timer makes every loop iteration wait in epoll with a timeout
+    # (docs/performance.md): the timer thread watches the attempt instead.
+    loop = asyncio.get_running_loop()
+    scheduled_before = len(loop._scheduled)  # type: ignore[attr-defined]
+    timer = AttemptTimer(AttemptState(), 30.0)
+    try:
+        assert len(loop._scheduled) == scheduled_before  # type: ignore[attr-defined]
+        assert timer in timeout_module._WATCHDOG.armed
+    finally:
+        timer.settle(None)
+
+
+async def test_a_settled_timer_leaves_the_watchdog() -> None:
+    timer = AttemptTimer(AttemptState(), 30.0)
+    timer.settle(None)
+    assert timer not in timeout_module._WATCHDOG.armed
+
+
+async def test_a_timer_due_before_the_watchdogs_next_look_still_fires_on_time() -> None:
+    # The thread sleeps until the earliest armed timer (30 s away); a 50 ms timer
+    # armed after it must wake the thread rather than wait for that.
+    far = AttemptTimer(AttemptState(), 30.0)
+    try:
+
+        @resilient(timeout=0.05, retries=0, breaker=False)
+        async def hangs() -> None:
+            await asyncio.Event().wait()
+
+        started = time.monotonic()
+        with pytest.raises(AttemptTimeout):
+            await hangs()
+        assert time.monotonic() - started < 5.0  # generous: 0.05 s expected
+    finally:
+        far.settle(None)
+
+
+async def test_an_expiry_that_arrives_after_the_timer_was_settled_cancels_nothing() -> None:
+    attempt = AttemptState()
+    timer = AttemptTimer(attempt, 30.0)
+    timer.settle(None)
+    timer._expire()  # what the thread's call_soon_threadsafe would run, too late
+    await asyncio.sleep(0)  # a cancellation would be delivered here
+    assert attempt.expired_by is None
+    assert not timer.fired
+
+
+async def test_an_expired_attempt_leaves_a_connection_closed_since_alone(
+    pg_engine: AsyncEngine,
+) -> None:
+    # A statement registered as in flight, whose connection then went back to the
+    # pool (and out again, to someone else), must not be aborted by the old attempt.
+    install_commit_tracking()
+    attempt = AttemptState()
+    async with pg_engine.connect() as first:
+        await first.execute(text("SELECT 1"))
+        attempt.inflight = {first.sync_connection: None}
+    async with pg_engine.connect() as second:
+        raw = await second.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        assert not attempt.abort_inflight()
+        assert not driver.is_closed()
+        assert (await second.execute(text("SELECT 2"))).scalar() == 2
+
+
+async def test_an_expired_attempt_aborts_the_connection_of_its_statement(
+    pg_engine: AsyncEngine,
+) -> None:
+    attempt = AttemptState()
+    async with pg_engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        attempt.inflight = {conn.sync_connection: None}
+        assert attempt.abort_inflight()
+        assert driver.is_closed()
+        await conn.invalidate()
