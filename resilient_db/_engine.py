@@ -35,7 +35,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar, cast
 from urllib.parse import quote
 
 from opentelemetry import trace
@@ -103,7 +103,19 @@ def is_read_only(statement: Any, execution_options: Mapping[str, Any] | None = N
         sql = statement
     else:
         return False
-    return bool(_READ_ONLY_SQL.match(sql)) and not _WRITES_SQL.search(sql)
+    verdict = _READ_ONLY_TEXTS.get(sql)
+    if verdict is None:
+        verdict = bool(_READ_ONLY_SQL.match(sql)) and not _WRITES_SQL.search(sql)
+        if len(_READ_ONLY_TEXTS) >= _READ_ONLY_TEXTS_MAX:
+            _READ_ONLY_TEXTS.clear()
+        _READ_ONLY_TEXTS[sql] = verdict
+    return verdict
+
+
+_READ_ONLY_TEXTS: dict[str, bool] = {}
+"""SQL texts already judged by :func:`is_read_only` (applications send the same few
+texts over and over; the two regular expressions cost more than the lookup)."""
+_READ_ONLY_TEXTS_MAX: Final = 1024
 
 
 def _engine_name(url: URL) -> str:
@@ -494,7 +506,7 @@ class ResilientEngine:
                 # and the unit retries as a whole.
                 return await fn(*args, **kwargs)
             fresh = not _in_transaction(owner)
-            if fresh and isinstance(owner, AsyncSession):
+            if fresh and owner._is_session and self.pool_bulkhead:
                 self._check_pool_capacity()  # this statement will check a connection out
             if read_only is None:
                 # Only a statement that opens its transaction may be retried alone.
@@ -796,10 +808,12 @@ async def _connection_of(owner: Any) -> AsyncConnection:
     return owner  # type: ignore[no-any-return]
 
 
-def _in_transaction(owner: Any) -> bool:
-    if isinstance(owner, AsyncConnection) and owner.sync_connection is None:
-        return False
-    return bool(owner.in_transaction())
+def _in_transaction(owner: GuardedConnection | GuardedSession) -> bool:
+    # The sync objects directly: this runs for every guarded statement.
+    if owner._is_session:
+        return cast("GuardedSession", owner).sync_session.in_transaction()
+    sync = cast("GuardedConnection", owner).sync_connection
+    return sync is not None and sync.in_transaction()
 
 
 def _is_exit(exc: BaseException | None) -> bool:
@@ -864,6 +878,7 @@ class GuardedConnection(AsyncConnection):
     """An ``AsyncConnection`` whose statements run under the engine's policy."""
 
     _db: ClassVar[ResilientEngine]
+    _is_session: ClassVar[bool] = False
     _busy: asyncio.Task[Any] | None = None
     _server_timeouts_pending: bool = False
 
@@ -874,7 +889,8 @@ class GuardedConnection(AsyncConnection):
             scope = _SCOPE.get()
             if scope is not None and scope.in_call:
                 return await AsyncConnection.start(self, is_ctxmanager)
-            db._check_pool_capacity()
+            if db.pool_bulkhead:
+                db._check_pool_capacity()
             return await db._read._invoke(
                 AsyncConnection.start, (self, is_ctxmanager), {}, "connect", db._target
             )
@@ -985,6 +1001,7 @@ class GuardedSession(AsyncSession):
     """An ``AsyncSession`` whose statements and COMMITs run under the engine's policy."""
 
     _db: ClassVar[ResilientEngine]
+    _is_session: ClassVar[bool] = True
     _busy: asyncio.Task[Any] | None = None
     _server_timeouts_pending: bool = False
 

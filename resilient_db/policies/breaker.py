@@ -311,8 +311,10 @@ class CircuitBreaker:
             if outcome is BreakerOutcome.IGNORED:
                 return
             now = self._clock()
-            self._advance(now)
-            slot = int(now // self._bucket_width) % _BUCKETS
+            epoch = int(now // self._bucket_width)
+            if epoch > self._last_epoch:
+                self._advance(now)
+            slot = epoch % _BUCKETS
             self._b_calls[slot] += 1
             self._total_calls += 1
             if outcome is BreakerOutcome.FAILURE:
