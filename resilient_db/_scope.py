@@ -77,6 +77,11 @@ class AttemptState:
         for timer in self.timers or ():
             timer.disarm()
 
+    def unregister_inflight(self, connection: Any) -> None:
+        """The statement (or COMMIT) on ``connection`` is no longer in flight."""
+        if self.inflight:
+            self.inflight.pop(connection, None)
+
     def abort_inflight(self) -> bool:
         """Abort the driver connection of every statement still in flight for this
         attempt; ``True`` if any was aborted.

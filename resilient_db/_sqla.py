@@ -100,9 +100,7 @@ def _on_after_execute(
 ) -> None:
     scope = _SCOPE.get()
     if scope is not None:
-        inflight = scope.attempt.inflight
-        if inflight:
-            inflight.pop(conn, None)
+        scope.attempt.unregister_inflight(conn)
 
 
 def _on_handle_error(context: ExceptionContext) -> None:
@@ -124,9 +122,7 @@ def _on_handle_error(context: ExceptionContext) -> None:
             code,
             extra={"resilient_db_event": "failover"},
         )
-    inflight = scope.attempt.inflight
-    if inflight:
-        inflight.pop(context.connection, None)
+    scope.attempt.unregister_inflight(context.connection)
     if context.statement is not None:
         return
     record = scope.attempt.pending_commit(context.connection)
@@ -148,9 +144,7 @@ def _on_later_use(conn: Connection) -> None:
         record = attempt.pending_commit(conn)
         if record is not None:
             record.status = CommitStatus.RETURNED
-    inflight = attempt.inflight
-    if inflight:
-        inflight.pop(conn, None)
+    attempt.unregister_inflight(conn)
 
 
 _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
