@@ -427,6 +427,12 @@ class OpenTelemetryInstrumentation:
         tracer = self._tracer
         if operation is None or operation.span is None or tracer is None:
             return (None, None, operation)
+        context = operation.context
+        if context is not None and not operation.span.is_recording():
+            # Sampled out: an attempt span would be dropped too. Make the operation's
+            # span current instead, so that spans started inside the attempt (asyncpg
+            # instrumentation, the caller's) inherit the decision and the trace.
+            return (None, otel_context.attach(context), operation)
         attributes = _target_attributes(operation.target)
         attributes["resilient_db.attempt"] = details.number
         attributes[CORRELATION_ID] = operation.correlation_id

@@ -16,7 +16,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler, SamplingResult
 from otel_support import Telemetry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, select, table, text
@@ -307,6 +307,40 @@ async def test_sampled_out_operations_record_metrics_and_no_spans() -> None:
         await unit()
     assert telemetry.spans() == []
     assert telemetry.value("db.client.operation.duration") == 1
+
+
+class CountingSampler(Sampler):
+    """Drops every span; counts the spans it was asked about."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        self.asked += 1
+        return ALWAYS_OFF.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "CountingSampler"
+
+
+async def test_a_sampled_out_operation_starts_no_attempt_spans_and_children_follow() -> None:
+    sampler = CountingSampler()
+    provider = TracerProvider(sampler=sampler)
+    hook = OpenTelemetryInstrumentation(tracer_provider=provider)
+    inside: list[trace.Span] = []
+
+    @resilient(breaker=False, retries=1, backoff=None, name="sampled-out")
+    async def unit() -> None:
+        inside.append(trace.get_current_span())
+        if len(inside) == 1:
+            raise ConnectionResetError("first attempt fails")
+
+    with set_instrumentation([hook]):
+        await unit()
+    assert sampler.asked == 1  # the operation's span only, not one per attempt
+    first, second = (span.get_span_context() for span in inside)
+    assert first == second and first.is_valid and not first.trace_flags.sampled
+    assert trace.get_current_span() is trace.INVALID_SPAN  # detached afterwards
 
 
 async def test_correlation_ids_go_to_exemplars_not_to_metric_streams() -> None:
