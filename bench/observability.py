@@ -17,6 +17,8 @@ harness's median-of-per-round-ratios method (``bench._harness.interleave``).
 * ``... 10 % sampled``: the same with ``ParentBased(TraceIdRatioBased(0.1))``;
 * ``raw + 2 SDK spans + histogram``: the floor — the telemetry the issue asks for,
   hand-made with the SDK, without any policy or dispatch;
+* ``raw + 1 SDK span + histogram``: the floor of a smaller span model (no attempt
+  spans): what any tracing of the unit costs at the least;
 * ``hand-glued + SDK span``: tenacity + ``asyncio.timeout`` + aiobreaker inside one
   hand-made span (the issue's reference);
 * ``ResilientEngine`` (off, and with the SDK): ``async with db.connect()`` then
@@ -141,6 +143,12 @@ async def tracing(engine: AsyncEngine, rounds: int, ops: int, warmup: int) -> li
             operation.end()
             histogram.record(0.0005, attributes)
 
+    async def one_span_and_a_histogram() -> Any:
+        with tracer.start_as_current_span("unit", kind=SpanKind.CLIENT, attributes=attributes):
+            result = await raw()
+        histogram.record(0.0005, attributes)
+        return result
+
     glued = hand_glued(raw, breaker=glued_breaker())
 
     async def glued_in_a_span() -> Any:
@@ -173,6 +181,7 @@ async def tracing(engine: AsyncEngine, rounds: int, ops: int, warmup: int) -> li
         "@resilient + OTel SDK": (decorated, hooks(full_tracer, full_meter)),
         "@resilient + OTel SDK, 10 % sampled": (decorated, hooks(sampled_tracer, sampled_meter)),
         "raw + 2 SDK spans + histogram": (two_spans_and_a_histogram, bare),
+        "raw + 1 SDK span + histogram": (one_span_and_a_histogram, bare),
         "hand-glued + SDK span": (glued_in_a_span, bare),
         "ResilientEngine": (through_engine, hooks()),
         "ResilientEngine + OTel SDK": (through_engine, hooks(full_tracer, full_meter)),
