@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -53,12 +53,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import AttributeValue
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench._harness import Op, Row, interleave, versions, write_json
 from bench._variants import glued_breaker, hand_glued
 from resilient_db import (
+    InstrumentationHook,
     LoggingInstrumentation,
     OpenTelemetryInstrumentation,
     ResilientEngine,
@@ -120,7 +122,7 @@ async def tracing(engine: AsyncEngine, rounds: int, ops: int, warmup: int) -> li
     hand_tracer, hand_meter = _sdk()
     tracer = hand_tracer.get_tracer("bench")
     histogram = hand_meter.get_meter("bench").create_histogram("db.client.operation.duration")
-    attributes = {
+    attributes: dict[str, AttributeValue] = {
         "db.system.name": "postgresql",
         "db.namespace": engine.url.database or "",
         "server.address": engine.url.host or "",
@@ -156,7 +158,7 @@ async def tracing(engine: AsyncEngine, rounds: int, ops: int, warmup: int) -> li
             return await glued()
 
     def hooks(tracer_provider: Any = None, meter_provider: Any = None) -> Callable[[], None]:
-        chosen = None
+        chosen: list[InstrumentationHook] | None = None
         if tracer_provider is not None:
             chosen = [
                 LoggingInstrumentation(),
