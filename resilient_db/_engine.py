@@ -245,6 +245,10 @@ class ResilientEngine:
                 name=name,
             )
         self._read = self._unit._derive(idempotent=True)
+        # Checkouts: retried, bounded, their failures counted; their successes are not
+        # (a warm pool answers from memory: that says nothing about the database, and
+        # counting it would reset the consecutive failures of the statements between).
+        self._checkout = self._unit._derive(idempotent=True, success_counts=False)
         self._once = self._unit._derive(retries=0)
         self.verify_commits = v.boolean("verify_commits", verify_commits)
         self.server_timeouts = v.boolean("server_timeouts", server_timeouts)
@@ -891,7 +895,7 @@ class GuardedConnection(AsyncConnection):
                 return await AsyncConnection.start(self, is_ctxmanager)
             if db.pool_bulkhead:
                 db._check_pool_capacity()
-            return await db._read._invoke(
+            return await db._checkout._invoke(
                 AsyncConnection.start, (self, is_ctxmanager), {}, "connect", db._target
             )
 

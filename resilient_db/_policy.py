@@ -137,6 +137,7 @@ class Policy:
         "_guards",
         "_name",
         "_retry",
+        "_success",
         "_timeouts",
         "idempotent",
     )
@@ -197,6 +198,8 @@ class Policy:
         self.idempotent = v.boolean("idempotent", idempotent)
         self._clock = clock
         self._name = None if name is None else v.name_string("name", name)
+        self._success = BreakerOutcome.SUCCESS
+        """How a successful attempt counts for the breaker (see :meth:`_derive`)."""
         install_commit_tracking()
 
     # -- building from configuration ------------------------------------------------------
@@ -230,8 +233,19 @@ class Policy:
 
         return policy_from_toml(path, table=table, **overrides)
 
-    def _derive(self, *, retries: int | None = None, idempotent: bool | None = None) -> Policy:
-        """A copy sharing breaker, bulkhead, budget and clocks, with other retry settings."""
+    def _derive(
+        self,
+        *,
+        retries: int | None = None,
+        idempotent: bool | None = None,
+        success_counts: bool | None = None,
+    ) -> Policy:
+        """A copy sharing breaker, bulkhead, budget and clocks, with other retry settings.
+
+        ``success_counts=False``: a success is no evidence of the database's health
+        (a pool checkout, usually served from memory); it is reported to the breaker
+        as ignored, so it neither resets the count of consecutive failures nor
+        dilutes the failure rate. Failures count as usual."""
         clone = object.__new__(Policy)
         for slot in Policy.__slots__:
             object.__setattr__(clone, slot, getattr(self, slot))
@@ -245,6 +259,8 @@ class Policy:
             )
         if idempotent is not None:
             clone.idempotent = idempotent
+        if success_counts is not None:
+            clone._success = BreakerOutcome.SUCCESS if success_counts else BreakerOutcome.IGNORED
         return clone
 
     @property
@@ -510,13 +526,14 @@ class Policy:
                     attempt.timers.remove(timer)
         except BaseException as exc:
             if breaker is not None:
-                breaker.record(
-                    permit, breaker_outcome(resolve(self._classifier, exc)), clock() - start
-                )
+                outcome = breaker_outcome(resolve(self._classifier, exc))
+                if outcome is BreakerOutcome.SUCCESS:
+                    outcome = self._success  # no sign of ill health: as a success
+                breaker.record(permit, outcome, clock() - start)
             raise
         else:
             if breaker is not None:
-                breaker.record(permit, BreakerOutcome.SUCCESS, clock() - start)
+                breaker.record(permit, self._success, clock() - start)
             return result
         finally:
             if bulkhead is not None:

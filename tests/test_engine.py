@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import Witness
-from sqlalchemy import event, select, text
+from sqlalchemy import event, make_url, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -356,6 +356,39 @@ async def test_an_open_breaker_sends_nothing_to_the_database(
                 await conn.execute(text("SELECT 1"))
     assert seen == []  # the same count as with no calls at all
     assert await witness.other_sessions() == []  # not even a connection was opened
+
+
+async def test_checkouts_do_not_hide_failing_statements_from_the_breaker(
+    ledger: AsyncEngine,
+) -> None:
+    # Checking a connection out of a warm pool says nothing about the database's
+    # health; counted as a success, it would reset the consecutive-failure count
+    # before every statement, and a database that times out every query would
+    # never trip the breaker.
+    breaker = CircuitBreaker("checkout-test", failure_threshold=3, failure_rate_threshold=None)
+    db = ResilientEngine(ledger, timeout=0.1, retries=0, breaker=breaker)
+    seen = count_statements(ledger)
+    for _ in range(3):
+        with pytest.raises(AttemptTimeout):
+            async with db.connect() as conn:
+                await conn.execute(text("SELECT pg_sleep(2)"))
+    assert breaker.state.value == "open"
+    with pytest.raises(Exception, match="open"):
+        async with db.connect() as conn:
+            await conn.execute(text("SELECT pg_sleep(2)"))
+    assert seen.count("SELECT pg_sleep(2)") == 3  # the fourth never reached the server
+
+
+async def test_a_failed_checkout_counts_for_the_breaker(pg_url: str) -> None:
+    unreachable = create_async_engine(make_url(pg_url).set(port=1))
+    breaker = CircuitBreaker("connect-test", failure_threshold=2, failure_rate_threshold=None)
+    db = ResilientEngine(unreachable, timeout=2, retries=0, breaker=breaker)
+    for _ in range(2):
+        with pytest.raises((OSError, sa_exc.DBAPIError)):
+            async with db.connect():
+                pass
+    await unreachable.dispose()
+    assert breaker.state.value == "open"
 
 
 async def test_a_read_only_refusal_empties_the_pool(ledger: AsyncEngine, witness: Witness) -> None:
