@@ -180,3 +180,25 @@ def test_the_plot_is_an_svg_with_a_panel_per_figure(quick_run: tuple[Path, Path,
     bars = list(root.iter("{http://www.w3.org/2000/svg}rect"))
     lines = list(root.iter("{http://www.w3.org/2000/svg}polyline"))
     assert len(bars) > 20 and len(lines) >= len(RECOVERY_VARIANTS) + 3
+
+
+@pytest.mark.postgres
+def test_the_ablation_runs_every_variant_and_writes_numbers(pg_url: str, tmp_path: Path) -> None:
+    command = ["-m", "bench.ablation", "--quick", "--out", str(tmp_path), "--pg-url", pg_url]
+    done = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, f"python -m bench.ablation failed:\n{done.stdout}\n{done.stderr}"
+    (json_path,) = tmp_path.glob("ablation-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    names = [row["variant"] for row in rows]
+    assert names[:3] == ["raw", "raw, listeners installed", "@resilient"]
+    assert sum(name.startswith("ResilientEngine") for name in names) == 5
+    for row in rows:
+        assert _number(row["ratio"]) and _number(row["cpu_ratio"]), row
+        assert row["variant"] in done.stdout
