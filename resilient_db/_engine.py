@@ -245,10 +245,11 @@ class ResilientEngine:
                 name=name,
             )
         self._read = self._unit._derive(idempotent=True)
-        # Checkouts: retried, bounded, their failures counted; their successes are not
-        # (a warm pool answers from memory: that says nothing about the database, and
-        # counting it would reset the consecutive failures of the statements between).
-        self._checkout = self._unit._derive(idempotent=True, success_counts=False)
+        # Checkouts: retried, bounded, their failures counted. A warm pool answers from
+        # memory: its successes say nothing about the database (counted, they would
+        # reset the consecutive failures of the statements between) and are not
+        # traffic the retry budget should grow with.
+        self._checkout = self._unit._derive(idempotent=True, traffic=False)
         self._once = self._unit._derive(retries=0)
         self.verify_commits = v.boolean("verify_commits", verify_commits)
         self.server_timeouts = v.boolean("server_timeouts", server_timeouts)

@@ -134,6 +134,7 @@ class Policy:
         "_bulkhead",
         "_classifier",
         "_clock",
+        "_deposits",
         "_guards",
         "_name",
         "_retry",
@@ -200,6 +201,8 @@ class Policy:
         self._name = None if name is None else v.name_string("name", name)
         self._success = BreakerOutcome.SUCCESS
         """How a successful attempt counts for the breaker (see :meth:`_derive`)."""
+        self._deposits: RetryBudget | None = budget
+        """The budget each call deposits into (``None``: calls deposit nothing)."""
         install_commit_tracking()
 
     # -- building from configuration ------------------------------------------------------
@@ -238,14 +241,16 @@ class Policy:
         *,
         retries: int | None = None,
         idempotent: bool | None = None,
-        success_counts: bool | None = None,
+        traffic: bool | None = None,
     ) -> Policy:
         """A copy sharing breaker, bulkhead, budget and clocks, with other retry settings.
 
-        ``success_counts=False``: a success is no evidence of the database's health
-        (a pool checkout, usually served from memory); it is reported to the breaker
-        as ignored, so it neither resets the count of consecutive failures nor
-        dilutes the failure rate. Failures count as usual."""
+        ``traffic=False``: a call that is no database traffic by itself (a pool
+        checkout, usually served from memory). Its success is no evidence of the
+        database's health: the breaker is told it was ignored, so it neither resets
+        the count of consecutive failures nor dilutes the failure rate (failures
+        count as usual). And it deposits nothing into the retry budget, which caps
+        retries to a share of real traffic (its own retries still withdraw)."""
         clone = object.__new__(Policy)
         for slot in Policy.__slots__:
             object.__setattr__(clone, slot, getattr(self, slot))
@@ -259,8 +264,9 @@ class Policy:
             )
         if idempotent is not None:
             clone.idempotent = idempotent
-        if success_counts is not None:
-            clone._success = BreakerOutcome.SUCCESS if success_counts else BreakerOutcome.IGNORED
+        if traffic is not None:
+            clone._success = BreakerOutcome.SUCCESS if traffic else BreakerOutcome.IGNORED
+            clone._deposits = clone._retry.budget if traffic else None
         return clone
 
     @property
@@ -403,7 +409,7 @@ class Policy:
         try:
             if _STATE.active:
                 op = _instrument.begin(scope, clock, start, label, target, statement)
-            budget = self._retry.budget
+            budget = self._deposits
             if budget is not None:
                 budget.deposit()
             try:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from resilient_db import DeadlineExceeded, ResilientEngine, deadline
+from resilient_db import DeadlineExceeded, ResilientEngine, RetryBudget, deadline
 
 LONG_CTE = text(
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000000) "
@@ -64,3 +64,15 @@ async def test_no_server_side_settings_are_sent_to_sqlite(engine: AsyncEngine) -
     async with db.begin() as conn:
         await conn.execute(text("INSERT INTO notes (body) VALUES ('x')"))
     assert not any("set_config" in statement for statement in seen)
+
+
+async def test_checkouts_deposit_nothing_into_the_retry_budget(engine: AsyncEngine) -> None:
+    # The budget caps retries to a share of real traffic; a checkout from a warm
+    # pool is none, and counted it would double what statements may retry.
+    budget = RetryBudget(ratio=0.5, min_per_second=0)
+    db = ResilientEngine(engine, timeout=5, breaker=False, retry_budget=budget)
+    for _ in range(4):
+        async with db.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    assert budget.deposits == 4  # one per statement, none per checkout
+    assert budget.available == 2.0
