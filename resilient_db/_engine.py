@@ -55,7 +55,7 @@ from ._abort import abort_driver_connection, pending_cancel_requests
 from ._classify import _EXIT_EXCEPTIONS, Classifier, resolve
 from ._correlation import current_correlation_id
 from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
-from ._instrument import _STATE, DatabaseTarget, _Operation
+from ._instrument import _STATE, DatabaseTarget, PoolCheckout, _Operation
 from ._policy import DEFAULT, Policy, _Default
 from ._scope import _SCOPE, CallScope, CommitRecord, CommitStatus
 from .policies.breaker import BreakerProtocol, get_breaker
@@ -270,6 +270,7 @@ class ResilientEngine:
             self.server_timeouts or self.correlation_in_application_name
         )
         self._target = DatabaseTarget.from_url(engine.url, engine.dialect.name)
+        self._pool_checkout = PoolCheckout(_engine_name(engine.url))
         if self.sql_comment and not event.contains(
             engine.sync_engine, "before_cursor_execute", _add_sql_comment
         ):
@@ -897,7 +898,12 @@ class GuardedConnection(AsyncConnection):
             if db.pool_bulkhead:
                 db._check_pool_capacity()
             return await db._checkout._invoke(
-                AsyncConnection.start, (self, is_ctxmanager), {}, "connect", db._target
+                AsyncConnection.start,
+                (self, is_ctxmanager),
+                {},
+                "connect",
+                db._target,
+                db._pool_checkout,
             )
 
         async def execute(self, statement, parameters=None, *, execution_options=None):

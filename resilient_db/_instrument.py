@@ -118,12 +118,15 @@ class OperationStarted:
             :class:`ResilientEngine`; learned from the first statement otherwise, and
             reported again at the end).
         db_operation: ``db.operation.name`` (``"SELECT"``), for single statements.
+        pool_name: for a pool checkout (``ResilientEngine.connect()``), the pool's
+            ``db.client.connection.pool.name``; ``None`` for database operations.
     """
 
     name: str
     correlation_id: str
     target: DatabaseTarget | None
     db_operation: str | None
+    pool_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +181,8 @@ class OperationEnded:
     """An observed operation ended (the caller gets its result or ``error`` now).
 
     Attributes are those of :class:`AttemptEnded`, for the operation as a whole,
-    plus ``name``, ``correlation_id``, ``db_operation`` and ``attempts`` (how many
-    attempts were started).
+    plus ``name``, ``correlation_id``, ``db_operation``, ``pool_name`` (as in
+    :class:`OperationStarted`) and ``attempts`` (how many attempts were started).
     """
 
     name: str
@@ -193,6 +196,14 @@ class OperationEnded:
     target: DatabaseTarget | None
     db_operation: str | None
     query_text: str | None
+    pool_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolCheckout:
+    """What a pool checkout operation runs, in place of a statement: which pool."""
+
+    pool_name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,6 +519,7 @@ class _Operation:
         "db_operation",
         "hooks",
         "name",
+        "pool_name",
         "query_text",
         "start",
         "states",
@@ -524,6 +536,7 @@ class _Operation:
         correlation_id: str,
         target: DatabaseTarget | None,
         db_operation: str | None,
+        pool_name: str | None = None,
     ) -> None:
         self.hooks = hooks
         self.clock = clock
@@ -532,13 +545,14 @@ class _Operation:
         self.correlation_id = correlation_id
         self.target = target
         self.db_operation = db_operation
+        self.pool_name = pool_name
         self.query_text: str | None = None
         self.wants_statement = target is None or db_operation is not None
         self.attempts = 0
         self.backoff = 0.0
         self.states: list[Any] = []
         self.attempt_states: list[Any] = []
-        details = OperationStarted(name, correlation_id, target, db_operation)
+        details = OperationStarted(name, correlation_id, target, db_operation, pool_name)
         for hook in hooks:
             try:
                 state = hook.operation_started(details)
@@ -625,6 +639,7 @@ class _Operation:
             self.target,
             self.db_operation,
             self.query_text,
+            self.pool_name,
         )
         for index, hook in enumerate(self.hooks):
             try:
@@ -644,7 +659,10 @@ def begin(
     """Start observing the operation of ``scope`` (a root scope); only when active."""
     name, db_operation = describe(label, target, statement)
     correlation_id = current_correlation_id()
-    op = _Operation(_STATE.active, clock, start, name, correlation_id, target, db_operation)
+    pool_name = statement.pool_name if isinstance(statement, PoolCheckout) else None
+    op = _Operation(
+        _STATE.active, clock, start, name, correlation_id, target, db_operation, pool_name
+    )
     scope.telemetry = op
     return op
 
@@ -652,7 +670,11 @@ def begin(
 def describe(label: Any, target: DatabaseTarget | None, statement: Any) -> tuple[str, str | None]:
     """An operation's name and ``db.operation.name``: ``SELECT orders`` for a single
     statement, else ``label`` (a name, or a function named by its qualified name)."""
-    db_operation = None if statement is _NO_STATEMENT else operation_name(statement)
+    db_operation = (
+        None
+        if statement is _NO_STATEMENT or isinstance(statement, PoolCheckout)
+        else operation_name(statement)
+    )
     if db_operation is not None:
         namespace = target.namespace if target is not None else None
         return (f"{db_operation} {namespace}" if namespace else db_operation), db_operation

@@ -168,19 +168,16 @@ class _Instruments:
     """The instruments of one meter (one MeterProvider)."""
 
     def __init__(self, meter: metrics.Meter) -> None:
-        try:
-            self.duration = meter.create_histogram(
-                "db.client.operation.duration",
-                unit="s",
-                description="Duration of database operations, retries and backoff included.",
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-            )
-        except TypeError:  # opentelemetry-api < 1.23 has no advisory parameter
-            self.duration = meter.create_histogram(
-                "db.client.operation.duration",
-                unit="s",
-                description="Duration of database operations, retries and backoff included.",
-            )
+        self.duration = _histogram(
+            meter,
+            "db.client.operation.duration",
+            "Duration of database operations, retries and backoff included.",
+        )
+        self.wait_time = _histogram(
+            meter,
+            "db.client.connection.wait_time",
+            "Time to obtain a connection from a ResilientEngine pool, retries included.",
+        )
         # opentelemetry-api < 1.26 cannot take the context an exemplar should point to.
         self.record_context = "context" in inspect.signature(self.duration.record).parameters
         self.attempts = _Counts()
@@ -255,6 +252,19 @@ class _Instruments:
                 self._bases.clear()
             found = self._bases[key] = (attributes, key, target)
         return found[0], found[1]
+
+
+def _histogram(meter: metrics.Meter, name: str, description: str) -> metrics.Histogram:
+    """A histogram in seconds with the semantic conventions' bucket advice."""
+    try:
+        return meter.create_histogram(
+            name,
+            unit="s",
+            description=description,
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+    except TypeError:  # opentelemetry-api < 1.23 has no advisory parameter
+        return meter.create_histogram(name, unit="s", description=description)
 
 
 def _observe_breakers(options: CallbackOptions) -> Iterator[Observation]:
@@ -419,6 +429,8 @@ class OpenTelemetryInstrumentation:
                 attributes["db.operation.name"] = details.db_operation
             attributes["resilient_db.operation"] = details.name
             attributes[CORRELATION_ID] = details.correlation_id
+            if details.pool_name is not None:
+                attributes["db.client.connection.pool.name"] = details.pool_name
             span = tracer.start_span(details.name, kind=SpanKind.INTERNAL, attributes=attributes)
         return _Op(details, span)
 
@@ -483,7 +495,12 @@ class OpenTelemetryInstrumentation:
         if span is not None:
             self._finish(span, details, operation, details.query_text)
         instruments = self._instruments
-        if instruments is not None:
+        if instruments is not None and details.pool_name is not None:
+            # A checkout is no database operation: its time goes to the pool's metric,
+            # where it does not drag the operations' percentiles down.
+            pool = {"db.client.connection.pool.name": details.pool_name}
+            instruments.wait_time.record(details.duration, pool)
+        elif instruments is not None:
             attributes, _ = instruments.base(details.target, details.name, details.db_operation)
             if details.error_type is not None:
                 attributes = _with_error(attributes, details.error_type, details.status_code)

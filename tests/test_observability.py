@@ -342,3 +342,26 @@ async def test_outside_units_the_checkout_each_statement_and_the_commit_are_oper
     assert attrs(commit)["db.operation.name"] == "COMMIT"
     assert attrs(commit)["resilient_db.commit.outcome"] == "committed"
     assert all(len(telemetry.children(op)) == 1 for op in operations)
+
+
+async def test_a_checkout_is_timed_as_pool_wait_not_as_a_database_operation(
+    accounts: AsyncEngine, telemetry: Telemetry
+) -> None:
+    db = ResilientEngine(accounts, timeout=5, breaker=False)
+    for _ in range(3):
+        async with db.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    url = accounts.url
+    port = f":{url.port}" if url.port else ""
+    pool = f"postgresql://{url.host}{port}/{url.database}"
+    assert telemetry.value("db.client.connection.wait_time") == 3
+    assert (
+        telemetry.value("db.client.connection.wait_time", db__client__connection__pool__name=pool)
+        == 3
+    )
+    # Only the statements: checkouts (microseconds, from the pool) would drag the
+    # operations' percentiles down.
+    assert telemetry.value("db.client.operation.duration") == 3
+    assert telemetry.value("db.client.operation.duration", db__operation__name="SELECT") == 3
+    (connect, *_) = telemetry.spans("connect")
+    assert attrs(connect)["db.client.connection.pool.name"] == pool
