@@ -254,6 +254,27 @@ class _Instruments:
         return found[0], found[1]
 
 
+def _children_follow(provider: Any) -> bool:
+    """Whether the provider's sampler surely drops the children of a dropped span.
+
+    True for the SDK's own samplers that do: the constant ones, the trace-ID ratio
+    (a child has the same trace ID), and the parent-based ones with their default
+    ``local_parent_not_sampled`` (drop). A custom sampler may decide per span (by
+    kind, by name): then attempt spans are always started."""
+    sampler = getattr(provider, "sampler", None)
+    kind = type(sampler)
+    if kind.__module__ != "opentelemetry.sdk.trace.sampling":
+        return False
+    if kind.__name__ in ("StaticSampler", "TraceIdRatioBased"):
+        return True
+    if kind.__name__ in ("ParentBased", "ParentBasedTraceIdRatio"):
+        child = getattr(sampler, "_local_parent_not_sampled", None)
+        return type(child).__name__ == "StaticSampler" and (
+            getattr(getattr(child, "_decision", None), "name", None) == "DROP"
+        )
+    return False
+
+
 def _histogram(meter: metrics.Meter, name: str, description: str) -> metrics.Histogram:
     """A histogram in seconds with the semantic conventions' bucket advice."""
     try:
@@ -346,6 +367,7 @@ class OpenTelemetryInstrumentation:
     """
 
     __slots__ = (
+        "_children_follow",
         "_instruments",
         "_meter_provider",
         "_mp",
@@ -386,6 +408,7 @@ class OpenTelemetryInstrumentation:
         self._tp: Any = None
         self._mp: Any = None
         self._tracer: trace.Tracer | None = None
+        self._children_follow = False
         self._instruments: _Instruments | None = None
 
     def __repr__(self) -> str:
@@ -404,6 +427,7 @@ class OpenTelemetryInstrumentation:
             tracer = None if tp is None else tp.get_tracer(SCOPE_NAME, __version__)
             # An SDK switched off (OTEL_SDK_DISABLED=true) hands out no-op tracers.
             self._tracer = None if isinstance(tracer, trace.NoOpTracer) else tracer
+            self._children_follow = _children_follow(tp)
         mp = self._meter_provider or _real(metrics.get_meter_provider())
         if mp is not self._mp:
             self._mp = mp
@@ -440,10 +464,11 @@ class OpenTelemetryInstrumentation:
         if operation is None or operation.span is None or tracer is None:
             return (None, None, operation)
         context = operation.context
-        if context is not None and not operation.span.is_recording():
-            # Sampled out: an attempt span would be dropped too. Make the operation's
-            # span current instead, so that spans started inside the attempt (asyncpg
-            # instrumentation, the caller's) inherit the decision and the trace.
+        if context is not None and self._children_follow and not operation.span.is_recording():
+            # Sampled out, by a sampler that decides the same for a child: an attempt
+            # span would be dropped too. Make the operation's span current instead, so
+            # that spans started inside the attempt (asyncpg instrumentation, the
+            # caller's) inherit the decision and the trace.
             return (None, otel_context.attach(context), operation)
         attributes = _target_attributes(operation.target)
         attributes["resilient_db.attempt"] = details.number
@@ -495,9 +520,12 @@ class OpenTelemetryInstrumentation:
         if span is not None:
             self._finish(span, details, operation, details.query_text)
         instruments = self._instruments
-        if instruments is not None and details.pool_name is not None:
-            # A checkout is no database operation: its time goes to the pool's metric,
-            # where it does not drag the operations' percentiles down.
+        if instruments is not None and details.pool_name is not None and details.error is None:
+            # A checkout that got its connection is no database operation: its time
+            # goes to the pool's metric, where it does not drag the operations'
+            # percentiles down. A failed one stays an operation (``connect`` with its
+            # error.type), so that error rates keep seeing an outage where only
+            # checkouts fail.
             pool = {"db.client.connection.pool.name": details.pool_name}
             instruments.wait_time.record(details.duration, pool)
         elif instruments is not None:

@@ -12,8 +12,13 @@ from conftest import Witness
 from opentelemetry.trace import SpanKind, StatusCode
 from otel_support import Telemetry
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from resilient_db import (
     AttemptTimeout,
@@ -365,3 +370,20 @@ async def test_a_checkout_is_timed_as_pool_wait_not_as_a_database_operation(
     assert telemetry.value("db.client.operation.duration", db__operation__name="SELECT") == 3
     (connect, *_) = telemetry.spans("connect")
     assert attrs(connect)["db.client.connection.pool.name"] == pool
+
+
+async def test_a_failed_checkout_stays_an_operation_with_its_error(
+    pg_url: str, telemetry: Telemetry
+) -> None:
+    # When only checkouts fail (the server is down), the operation metrics must show
+    # it; a wait time that ended in no connection is no wait time either.
+    unreachable = create_async_engine(make_url(pg_url).set(port=1))
+    db = ResilientEngine(unreachable, timeout=2, retries=0, breaker=False)
+    with pytest.raises((OSError, sa_exc.DBAPIError)):
+        async with db.connect():
+            pass
+    await unreachable.dispose()
+    assert telemetry.value("db.client.connection.wait_time") == 0
+    (point,) = telemetry.points("db.client.operation.duration")
+    assert point.attributes["resilient_db.operation"] == "connect"
+    assert point.attributes["error.type"]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,16 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler, SamplingResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanKind
 from otel_support import Telemetry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import insert, select, table, text
@@ -309,38 +318,61 @@ async def test_sampled_out_operations_record_metrics_and_no_spans() -> None:
     assert telemetry.value("db.client.operation.duration") == 1
 
 
-class CountingSampler(Sampler):
-    """Drops every span; counts the spans it was asked about."""
-
-    def __init__(self) -> None:
-        self.asked = 0
-
-    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
-        self.asked += 1
-        return ALWAYS_OFF.should_sample(*args, **kwargs)
-
-    def get_description(self) -> str:
-        return "CountingSampler"
-
-
-async def test_a_sampled_out_operation_starts_no_attempt_spans_and_children_follow() -> None:
-    sampler = CountingSampler()
-    provider = TracerProvider(sampler=sampler)
+def _current_span_per_attempt(
+    provider: TracerProvider,
+) -> tuple[list[trace.SpanContext], Callable[[], Awaitable[None]]]:
+    """A unit that fails once, traced by ``provider``, and where the current span of
+    each of its attempts is written down."""
     hook = OpenTelemetryInstrumentation(tracer_provider=provider)
-    inside: list[trace.Span] = []
+    inside: list[trace.SpanContext] = []
 
     @resilient(breaker=False, retries=1, backoff=None, name="sampled-out")
     async def unit() -> None:
-        inside.append(trace.get_current_span())
+        inside.append(trace.get_current_span().get_span_context())
         if len(inside) == 1:
             raise ConnectionResetError("first attempt fails")
 
-    with set_instrumentation([hook]):
-        await unit()
-    assert sampler.asked == 1  # the operation's span only, not one per attempt
-    first, second = (span.get_span_context() for span in inside)
+    async def run() -> None:
+        with set_instrumentation([hook]):
+            await unit()
+
+    return inside, run
+
+
+@pytest.mark.parametrize(
+    "sampler", [ALWAYS_OFF, ParentBased(ALWAYS_OFF), TraceIdRatioBased(0.0)], ids=str
+)
+async def test_a_sampled_out_operation_starts_no_attempt_spans_and_children_follow(
+    sampler: Sampler,
+) -> None:
+    inside, run = _current_span_per_attempt(TracerProvider(sampler=sampler))
+    await run()
+    first, second = inside
+    # Both attempts ran under the operation's own span: no attempt span was started.
     assert first == second and first.is_valid and not first.trace_flags.sampled
     assert trace.get_current_span() is trace.INVALID_SPAN  # detached afterwards
+
+
+class ClientSpansOnly(Sampler):
+    """Decides per span, not per trace: keeps CLIENT spans, drops the others."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        kind = kwargs.get("kind", args[3] if len(args) > 3 else None)
+        return (ALWAYS_ON if kind is SpanKind.CLIENT else ALWAYS_OFF).should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return "ClientSpansOnly"
+
+
+async def test_a_custom_sampler_still_gets_to_decide_on_attempt_spans() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ClientSpansOnly())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    inside, run = _current_span_per_attempt(provider)
+    await run()
+    attempts = exporter.get_finished_spans()
+    assert [s.name for s in attempts] == ["sampled-out attempt"] * 2  # the operation dropped
+    assert [s.context.span_id for s in attempts] == [c.span_id for c in inside]
 
 
 async def test_correlation_ids_go_to_exemplars_not_to_metric_streams() -> None:
