@@ -491,15 +491,20 @@ class Policy:
                 raise
         clock = self._clock
         if bulkhead is not None and not bulkhead.try_acquire():
+            acquired = False
             try:
                 await bulkhead.acquire(scope.remaining())
+                acquired = True
+                if scope.deadline_at is not None:
+                    # Queueing used part of the budget: recompute the attempt's share
+                    # (raises DeadlineExceeded when the slot came too late).
+                    limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
             except BaseException:
+                if acquired:
+                    bulkhead.release()
                 if breaker is not None:
                     breaker.record(permit, BreakerOutcome.IGNORED, 0.0)
                 raise
-            if scope.deadline_at is not None:
-                # Queueing used part of the budget: recompute the attempt's share.
-                limit, by_deadline = timeouts.attempt_limit(scope, scope.attempt_number)
         start = clock()
         try:
             if limit is None:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from resilient_db import Bulkhead, BulkheadFull, DeadlineExceeded, Policy, deadline
+from resilient_db.testing import FakeClock
 
 
 async def test_at_most_max_concurrent_calls_run_at_once() -> None:
@@ -111,3 +112,23 @@ def test_bad_settings_name_the_parameter(kwargs: dict[str, object], message: str
     with pytest.raises((ValueError, TypeError)) as info:
         Bulkhead(**kwargs)  # type: ignore[arg-type]
     assert message in str(info.value)
+
+
+async def test_a_slot_that_comes_after_the_deadline_is_given_back() -> None:
+    # The waiter gets the slot, then finds no time left for its attempt: it must
+    # release the slot it was handed, or the bulkhead stays full for good.
+    clock = FakeClock()
+    bulkhead = Bulkhead(1, max_queue=1)
+    gate = asyncio.Event()
+    policy = Policy(deadline=1.0, bulkhead=bulkhead, breaker=False, retries=0, clock=clock)
+    holder = asyncio.ensure_future(policy.call(gate.wait))
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(policy.call(gate.wait))
+    await asyncio.sleep(0)
+    assert bulkhead.queued == 1
+    clock.advance(2.0)  # the loop was busy elsewhere past the waiter's deadline
+    gate.set()
+    await holder
+    with pytest.raises(DeadlineExceeded, match="before attempt 1 could start"):
+        await waiter
+    assert (bulkhead.active, bulkhead.queued) == (0, 0)
