@@ -683,6 +683,7 @@ class ResilientEngine:
         finally:
             if token is not None:
                 _SCOPE.reset(token)
+                scope.end()
         if op is not None:
             op.attempt_ended(scope, op.start, None)
             op.ended(scope, None)

@@ -445,6 +445,7 @@ class Policy:
             raise
         finally:
             _SCOPE.reset(token)
+            scope.end()
 
     async def _observed_attempt(
         self,
@@ -581,6 +582,7 @@ class Policy:
             return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
         finally:
             _SCOPE.reset(token)
+            scope.end()
 
     def _should_retry(self, scope: CallScope, exc: BaseException) -> tuple[bool, str]:
         """Decide on a failed attempt. May stash a replacement error on the scope."""

@@ -150,6 +150,15 @@ class CallScope:
         """The root scope of the call (this one, when it is the root)."""
         return self.root or self
 
+    def end(self) -> None:
+        """The call (or ``deadline`` block) is over. A task it started keeps this scope
+        in its copy of the context; if that task outlives the call, it is no longer
+        part of it: its guarded calls are calls of their own, under no deadline of
+        this one."""
+        self.in_call = False
+        self.deadline_at = None
+        self.telemetry = None
+
     def remaining(self) -> float | None:
         """Seconds left before the deadline (may be negative), or ``None``."""
         if self.deadline_at is None:

@@ -384,3 +384,49 @@ async def test_calls_that_never_suspend_do_not_retain_their_scopes() -> None:
     for _ in range(2000):
         await cached()  # the loop never runs, so cancelled timers are never purged
     assert scopes() - before < 10
+
+
+async def test_a_task_that_outlives_its_call_is_no_longer_part_of_it() -> None:
+    # A fire-and-forget task copies the context, and with it the call's scope. Once
+    # the call is over, the task's guarded calls must be calls of their own: retried
+    # by their own policy, not treated as one attempt of a unit that has ended.
+    go = asyncio.Event()
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("first attempt fails")
+        return "ok"
+
+    retried = Policy(retries=1, backoff=None, breaker=False)
+    detached: list[asyncio.Task[str]] = []
+
+    async def later() -> str:
+        await go.wait()
+        return await retried.call(flaky)
+
+    @resilient(retries=0, breaker=False)
+    async def unit() -> None:
+        detached.append(asyncio.create_task(later()))
+
+    await unit()
+    go.set()
+    assert await detached[0] == "ok"  # retried on its own: it is not inside `unit`
+    assert calls == 2
+
+
+async def test_a_task_that_outlives_a_deadline_block_is_not_bound_by_it() -> None:
+    go = asyncio.Event()
+    detached: list[asyncio.Task[str]] = []
+
+    async def later() -> str:
+        await go.wait()
+        return await Policy(breaker=False).call(asyncio.sleep, 0, "done")
+
+    async with deadline(0.01):
+        detached.append(asyncio.create_task(later()))
+    await asyncio.sleep(0.05)  # the block's deadline has passed
+    go.set()
+    assert await detached[0] == "done"

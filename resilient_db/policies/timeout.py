@@ -283,3 +283,4 @@ async def deadline(
         yield
     finally:
         _SCOPE.reset(token)
+        scope.end()
