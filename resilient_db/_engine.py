@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import (
     AsyncResult,
     AsyncSession,
     AsyncSessionTransaction,
+    AsyncTransaction,
     async_sessionmaker,
 )
 
@@ -907,6 +908,10 @@ class GuardedConnection(AsyncConnection):
                 db._pool_checkout,
             )
 
+        def begin(self) -> AsyncTransaction:
+            assert self._proxied
+            return _GuardedTransaction(self)
+
         async def execute(self, statement, parameters=None, *, execution_options=None):
             return await self._db._guard(
                 self,
@@ -948,6 +953,44 @@ class GuardedConnection(AsyncConnection):
 
         async def commit(self) -> None:
             await self._db._commit(self, lambda: AsyncConnection.commit(self))
+
+
+class _GuardedTransaction(AsyncTransaction):
+    """``conn.begin()`` on a guarded connection: the server-side deadline when it
+    starts, and its COMMIT through the engine's tracking, as with ``db.begin()``."""
+
+    __slots__ = ()
+
+    if not TYPE_CHECKING:
+
+        async def start(self, is_ctxmanager: bool = False) -> AsyncTransaction:
+            await AsyncTransaction.start(self, is_ctxmanager)
+            conn = self.connection
+            if not self.nested and isinstance(conn, GuardedConnection):
+                # Sent just before the first statement that is not SET TRANSACTION.
+                conn._server_timeouts_pending = conn._db._per_transaction
+            return self
+
+        async def commit(self) -> None:
+            conn = self.connection
+            if self.nested or not isinstance(conn, GuardedConnection):
+                await AsyncTransaction.commit(self)
+                return
+            await conn._db._commit(conn, lambda: AsyncTransaction.commit(self))
+
+        async def __aexit__(self, type_, value, traceback) -> None:
+            if type_ is None and not self.nested and self.is_active:
+                try:
+                    await self.commit()
+                except BaseException as exc:
+                    # Roll back (or close) what is left and restore SQLAlchemy's
+                    # transaction bookkeeping; the COMMIT's own error is the news.
+                    with suppress(Exception):
+                        await AsyncTransaction.__aexit__(self, type(exc), exc, exc.__traceback__)
+                    raise
+            # After our COMMIT the transaction is over: this only restores the
+            # bookkeeping. Otherwise: SQLAlchemy's own exit (rollback on error).
+            await AsyncTransaction.__aexit__(self, type_, value, traceback)
 
 
 class _GuardedSessionTransaction(AsyncSessionTransaction):

@@ -592,3 +592,26 @@ async def test_select_statements_are_detected_as_read_only() -> None:
     assert not is_read_only(text("SELECT nextval('s')"))
     assert not is_read_only(text("UPDATE t SET x = 1"))
     assert is_read_only(text("UPDATE t SET x = 1").execution_options(idempotent=True))
+
+
+async def test_the_commit_of_conn_begin_is_tracked_like_db_begin(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    # `async with conn.begin():` on a guarded connection commits on exit; that
+    # COMMIT must be bounded and tracked like every other one, not left to hang.
+    db = ResilientEngine(proxied, timeout=1, retries=0, breaker=False)
+    proxy.add_toxic(DropCommitAck(count=1))
+    async with asyncio.timeout(10):
+        with pytest.raises(CommitOutcomeUnknown):
+            async with db.connect() as conn, conn.begin():
+                await conn.execute(text("INSERT INTO ledger VALUES ('tx-1', 1)"))
+    assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'tx-1'") == 1
+
+
+async def test_conn_begin_sends_the_server_side_deadline(ledger: AsyncEngine) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    async with db.connect() as conn, conn.begin():
+        setting = (await conn.execute(text("SHOW statement_timeout"))).scalar()
+    assert setting not in (None, "0")  # SET LOCAL from the remaining time
+    async with db.connect() as conn:  # and nothing leaks to the next checkout
+        assert (await conn.execute(text("SHOW statement_timeout"))).scalar() == "0"
