@@ -979,18 +979,7 @@ class _GuardedTransaction(AsyncTransaction):
             await conn._db._commit(conn, lambda: AsyncTransaction.commit(self))
 
         async def __aexit__(self, type_, value, traceback) -> None:
-            if type_ is None and not self.nested and self.is_active:
-                try:
-                    await self.commit()
-                except BaseException as exc:
-                    # Roll back (or close) what is left and restore SQLAlchemy's
-                    # transaction bookkeeping; the COMMIT's own error is the news.
-                    with suppress(Exception):
-                        await AsyncTransaction.__aexit__(self, type(exc), exc, exc.__traceback__)
-                    raise
-            # After our COMMIT the transaction is over: this only restores the
-            # bookkeeping. Otherwise: SQLAlchemy's own exit (rollback on error).
-            await AsyncTransaction.__aexit__(self, type_, value, traceback)
+            await _exit_guarded(self, AsyncTransaction.__aexit__, type_, value, traceback)
 
 
 class _GuardedSessionTransaction(AsyncSessionTransaction):
@@ -1017,10 +1006,26 @@ class _GuardedSessionTransaction(AsyncSessionTransaction):
             await session._db._commit(session, lambda: AsyncSessionTransaction.commit(self))
 
         async def __aexit__(self, type_, value, traceback) -> None:
-            if type_ is None and not self.nested and self.is_active:
-                await self.commit()
-                return
-            await AsyncSessionTransaction.__aexit__(self, type_, value, traceback)
+            await _exit_guarded(self, AsyncSessionTransaction.__aexit__, type_, value, traceback)
+
+
+async def _exit_guarded(
+    transaction: Any, sqlalchemy_exit: Callable[..., Awaitable[None]], *exc_info: Any
+) -> None:
+    """``__aexit__`` of a guarded transaction block: on success, COMMIT through the
+    transaction's own (guarded) ``commit``; then SQLAlchemy's exit, which after our
+    COMMIT only restores its transaction bookkeeping (without it the session or
+    connection refuses every later statement), and otherwise rolls back."""
+    if exc_info[0] is None and not transaction.nested and transaction.is_active:
+        try:
+            await transaction.commit()
+        except BaseException as exc:
+            # Roll back (or close) what is left and restore the bookkeeping; the
+            # COMMIT's own error is the news.
+            with suppress(Exception):
+                await sqlalchemy_exit(transaction, type(exc), exc, exc.__traceback__)
+            raise
+    await sqlalchemy_exit(transaction, *exc_info)
 
 
 def _session_statement(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

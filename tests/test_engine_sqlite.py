@@ -76,3 +76,21 @@ async def test_checkouts_deposit_nothing_into_the_retry_budget(engine: AsyncEngi
             await conn.execute(text("SELECT 1"))
     assert budget.deposits == 4  # one per statement, none per checkout
     assert budget.available == 2.0
+
+
+async def test_a_session_is_usable_after_its_begin_block(engine: AsyncEngine) -> None:
+    # The guarded COMMIT at the end of `async with s.begin():` must leave SQLAlchemy's
+    # transaction bookkeeping as its own exit would: the session goes on working.
+    db = ResilientEngine(engine, timeout=5, breaker=False)
+    async with db.session() as session:
+        async with session.begin():
+            await session.execute(text("INSERT INTO notes (body) VALUES ('one')"))
+        count = (await session.execute(text("SELECT count(*) FROM notes"))).scalar()
+        await session.commit()
+        async with session.begin():
+            await session.execute(text("INSERT INTO notes (body) VALUES ('two')"))
+    assert count == 1
+    async with db.connect() as conn:
+        async with conn.begin():
+            await conn.execute(text("INSERT INTO notes (body) VALUES ('three')"))
+        assert (await conn.execute(text("SELECT count(*) FROM notes"))).scalar() == 3
