@@ -368,6 +368,7 @@ class ResilientEngine:
         async with conn:
             await AsyncConnection.begin(conn)
             conn._server_timeouts_pending = self._per_transaction
+            conn._statement_timeout_sent = False
             try:
                 yield conn
             except BaseException:
@@ -418,7 +419,7 @@ class ResilientEngine:
                 await session.commit()
                 return result
         except BaseException as exc:
-            translated = self._translate(exc)
+            translated = self._translate(exc, session)
             if translated is not exc:
                 raise translated from exc
             raise
@@ -506,13 +507,15 @@ class ResilientEngine:
         try:
             if owner._server_timeouts_pending and not _sets_transaction(statement):
                 owner._server_timeouts_pending = False
-                await self._apply_server_timeouts(await _connection_of(owner))
+                await self._apply_server_timeouts(owner)
             scope = _SCOPE.get()
             if scope is not None and scope.in_call:
                 # Inside a unit of work: the unit's attempt timer bounds the statement
                 # and the unit retries as a whole.
                 return await fn(*args, **kwargs)
             fresh = not _in_transaction(owner)
+            if fresh:
+                owner._statement_timeout_sent = False  # a transaction of its own
             if fresh and owner._is_session and self.pool_bulkhead:
                 self._check_pool_capacity()  # this statement will check a connection out
             if read_only is None:
@@ -526,24 +529,29 @@ class ResilientEngine:
                 fn, args, kwargs, fn, self._target, statement
             )
         except BaseException as exc:
-            translated = self._translate(exc)
+            translated = self._translate(exc, owner)
             if translated is not exc:
                 raise translated from exc
             raise
         finally:
             owner._busy = busy
 
-    def _translate(self, exc: BaseException) -> BaseException:
-        """A 57014 caused by the statement_timeout *we* sent is our timeout error."""
-        if _is_exit(exc) or self._server_statement_timeout_ms is None:
+    def _translate(
+        self, exc: BaseException, owner: GuardedConnection | GuardedSession
+    ) -> BaseException:
+        """A 57014 caused by the statement_timeout *we* sent is our timeout error.
+
+        Only when we sent one in the owner's current transaction: the server's own
+        ``statement_timeout`` (a role or database setting) stays the server's error,
+        however little time the call has left when it arrives."""
+        if _is_exit(exc) or not owner._statement_timeout_sent:
             return exc
         verdict = resolve(self._unit.classifier, exc)
         if verdict.sqlstate != "57014" or "statement timeout" not in str(exc):
             return exc
         limit = self._current_limit()
-        default = self._server_statement_timeout_ms
-        if limit is None or (default != 0 and default <= limit * 1000):
-            return exc  # the server's own statement_timeout: not ours to rename
+        if limit is None:
+            return exc
         scope = _SCOPE.get()
         by_deadline = (
             scope is not None
@@ -595,11 +603,13 @@ class ResilientEngine:
             self._server_statement_timeout_ms = int(result.scalar_one())
         return self._server_statement_timeout_ms
 
-    async def _apply_server_timeouts(self, conn: AsyncConnection) -> None:
-        """Send the remaining time (and the correlation ID) to PostgreSQL, for this
-        transaction only, in one statement."""
+    async def _apply_server_timeouts(self, owner: GuardedConnection | GuardedSession) -> None:
+        """Send the remaining time (and the correlation ID) to PostgreSQL, for the
+        owner's current transaction only, in one statement."""
+        owner._statement_timeout_sent = False
         if not self._per_transaction:
             return
+        conn = await _connection_of(owner)
         settings: list[tuple[str, str]] = []
         if self.server_timeouts:
             limit = self._current_limit()
@@ -624,6 +634,7 @@ class ResilientEngine:
         await AsyncConnection.exec_driver_sql(
             conn, f"SELECT {calls}", tuple(value for _, value in settings)
         )
+        owner._statement_timeout_sent = any(name == "statement_timeout" for name, _ in settings)
 
     def _pool_usage(self) -> list[tuple[str, object, int, int, int | None]]:
         """``(pool name, pool, used, idle, max)`` for each loop's pool (for the metrics)."""
@@ -662,7 +673,7 @@ class ResilientEngine:
         try:
             if owner._server_timeouts_pending:
                 owner._server_timeouts_pending = False
-                await self._apply_server_timeouts(await _connection_of(owner))
+                await self._apply_server_timeouts(owner)
             if self.verify_commits and self._is_pg and _in_transaction(owner):
                 xid = await self._capture_xid(owner)
             if token is not None:
@@ -889,6 +900,8 @@ class GuardedConnection(AsyncConnection):
     _is_session: ClassVar[bool] = False
     _busy: asyncio.Task[Any] | None = None
     _server_timeouts_pending: bool = False
+    _statement_timeout_sent: bool = False
+    """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
 
     if not TYPE_CHECKING:
 
@@ -969,6 +982,7 @@ class _GuardedTransaction(AsyncTransaction):
             if not self.nested and isinstance(conn, GuardedConnection):
                 # Sent just before the first statement that is not SET TRANSACTION.
                 conn._server_timeouts_pending = conn._db._per_transaction
+                conn._statement_timeout_sent = False
             return self
 
         async def commit(self) -> None:
@@ -996,6 +1010,7 @@ class _GuardedSessionTransaction(AsyncSessionTransaction):
                 # (which PostgreSQL only accepts before any query).
                 db = session._db
                 session._server_timeouts_pending = db._per_transaction
+                session._statement_timeout_sent = False
             return self
 
         async def commit(self) -> None:
@@ -1064,6 +1079,8 @@ class GuardedSession(AsyncSession):
     _is_session: ClassVar[bool] = True
     _busy: asyncio.Task[Any] | None = None
     _server_timeouts_pending: bool = False
+    _statement_timeout_sent: bool = False
+    """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
 
     if not TYPE_CHECKING:
 

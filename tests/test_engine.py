@@ -337,6 +337,25 @@ async def test_no_server_round_trip_when_the_server_default_is_tighter(
     assert not any("set_config" in s for s in seen)
 
 
+async def test_the_servers_own_statement_timeout_is_not_taken_for_ours(
+    ledger: AsyncEngine, pg_url: str
+) -> None:
+    # The server's own 1 s statement_timeout ends the query while the call still has
+    # 0.6 s left; we sent none (1.55 s would not have been tighter), so the 57014 is
+    # the server's, not our DeadlineExceeded, however little time remains.
+    strict = create_async_engine(
+        pg_url, connect_args={"server_settings": {"statement_timeout": "1000"}}
+    )
+    db = ResilientEngine(strict, deadline=1.6, retries=0, breaker=False)
+
+    async def slow(session: AsyncSession) -> None:
+        await session.execute(text("SELECT pg_sleep(2)"))
+
+    with pytest.raises(sa_exc.DBAPIError, match="statement timeout"):
+        await db.run_transaction(slow)
+    await strict.dispose()
+
+
 # -- the breaker, pools, failover, loops, concurrency -----------------------------------
 
 
