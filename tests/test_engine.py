@@ -323,29 +323,32 @@ async def test_transaction_local_settings_do_not_leak_to_the_next_checkout(
     assert (after, locks_after) == ("0", "0")  # ...without the transaction's settings
 
 
-async def test_no_server_round_trip_when_the_server_default_is_tighter(
-    ledger: AsyncEngine, pg_url: str
-) -> None:
-    strict = create_async_engine(
+@pytest.fixture
+async def strict(ledger: AsyncEngine, pg_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine whose server sessions have a statement_timeout of their own: 1 s."""
+    engine = create_async_engine(
         pg_url, connect_args={"server_settings": {"statement_timeout": "1000"}}
     )
+    yield engine
+    await engine.dispose()
+
+
+async def test_no_server_round_trip_when_the_server_default_is_tighter(
+    strict: AsyncEngine,
+) -> None:
     db = ResilientEngine(strict, timeout=30, retries=0, breaker=False)
     seen = count_statements(strict)
     async with db.begin() as conn:
         await conn.execute(text("SELECT 1"))
-    await strict.dispose()
     assert not any("set_config" in s for s in seen)
 
 
 async def test_the_servers_own_statement_timeout_is_not_taken_for_ours(
-    ledger: AsyncEngine, pg_url: str
+    strict: AsyncEngine,
 ) -> None:
     # The server's own 1 s statement_timeout ends the query while the call still has
     # 0.6 s left; we sent none (1.55 s would not have been tighter), so the 57014 is
     # the server's, not our DeadlineExceeded, however little time remains.
-    strict = create_async_engine(
-        pg_url, connect_args={"server_settings": {"statement_timeout": "1000"}}
-    )
     db = ResilientEngine(strict, deadline=1.6, retries=0, breaker=False)
 
     async def slow(session: AsyncSession) -> None:
@@ -353,7 +356,6 @@ async def test_the_servers_own_statement_timeout_is_not_taken_for_ours(
 
     with pytest.raises(sa_exc.DBAPIError, match="statement timeout"):
         await db.run_transaction(slow)
-    await strict.dispose()
 
 
 # -- the breaker, pools, failover, loops, concurrency -----------------------------------
