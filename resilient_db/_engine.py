@@ -670,16 +670,23 @@ class ResilientEngine:
         attempt = scope.attempt
         before = len(attempt.commits) if attempt.commits else 0
         xid: int | None = None
-        try:
+
+        async def commit() -> None:
+            # What goes before the COMMIT is bounded with it: on a frozen server the
+            # settings or the xid capture hang like the COMMIT would.
+            nonlocal xid
             if owner._server_timeouts_pending:
                 owner._server_timeouts_pending = False
                 await self._apply_server_timeouts(owner)
             if self.verify_commits and self._is_pg and _in_transaction(owner):
                 xid = await self._capture_xid(owner)
+            await raw_commit()
+
+        try:
             if token is not None:
-                await self._once.call(raw_commit)
+                await self._once.call(commit)
             else:
-                await raw_commit()
+                await commit()
         except BaseException as exc:
             records = (attempt.commits or [])[before:]
             try:

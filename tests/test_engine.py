@@ -306,6 +306,25 @@ async def test_frozen_server_the_client_gives_up_in_time_and_replaces_the_connec
     assert await backend_pid(db) != before
 
 
+async def test_what_a_commit_sends_first_is_bounded_too(
+    proxied: AsyncEngine, proxy: ChaosProxy
+) -> None:
+    # A transaction with no statement: at COMMIT the server-side settings (and, with
+    # verify_commits, the xid capture) go first. On a frozen server they must be
+    # bounded by the COMMIT's timeout like the COMMIT itself.
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False, verify_commits=True)
+    async with db.connect() as conn:
+        await conn.execute(text("SELECT 1"))  # a warm connection
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        with pytest.raises(TimeoutExceeded):
+            async with db.begin():
+                proxy.half_open()
+    elapsed = time.monotonic() - started
+    proxy.half_open(False)
+    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+
+
 async def test_transaction_local_settings_do_not_leak_to_the_next_checkout(
     ledger: AsyncEngine,
 ) -> None:
