@@ -695,6 +695,14 @@ class ResilientEngine:
                 if token is not None:
                     if isinstance(final, CommitOutcomeUnknown):
                         _instrument.commit_outcome_unknown(scope, "COMMIT", final, exc)
+                    elif _is_exit(final) and any(
+                        r.status is not CommitStatus.REJECTED for r in records
+                    ):
+                        # Cancelled after COMMIT was sent: the outcome stays unknown,
+                        # and the cancellation propagates; say so, as a unit would.
+                        _instrument.commit_outcome_unknown(
+                            scope, "COMMIT", None, None, cancelled=True
+                        )
                     if op is not None:
                         op.attempt_ended(scope, op.start, final)
                         op.ended(scope, final)

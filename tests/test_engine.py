@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -323,6 +324,31 @@ async def test_what_a_commit_sends_first_is_bounded_too(
     elapsed = time.monotonic() - started
     proxy.half_open(False)
     assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+
+
+async def test_a_commit_cancelled_in_flight_is_reported_as_unknown(
+    proxied: AsyncEngine, proxy: ChaosProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = ResilientEngine(proxied, timeout=10, retries=0, breaker=False)
+
+    async def write() -> None:
+        async with db.begin() as conn:
+            await conn.execute(text("INSERT INTO ledger VALUES ('cancelled', 1)"))
+            proxy.half_open()  # the COMMIT goes out and nothing comes back
+
+    task = asyncio.ensure_future(write())
+    await asyncio.sleep(0.3)
+    with caplog.at_level(logging.ERROR, logger="resilient_db"):
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    proxy.half_open(False)
+    (record,) = [
+        r
+        for r in caplog.records
+        if getattr(r, "resilient_db_event", "") == "commit_outcome_unknown"
+    ]
+    assert "cancelled after sending a COMMIT" in record.getMessage()
 
 
 async def test_transaction_local_settings_do_not_leak_to_the_next_checkout(
