@@ -434,16 +434,27 @@ class ResilientEngine:
     ) -> AsyncIterator[AsyncResult[Any]]:
         """Stream a large result through the policy, without loading it into memory.
 
-        Opening the stream is retried like any read-only statement. The deadline (or
-        the timeout) covers the whole stream: when it runs out, the connection is
-        aborted and iteration raises the timeout error. Leaving the block early or
+        Opening the stream is retried like any read-only statement. A deadline covers
+        the whole stream — the engine's, counted from this call (opening included),
+        or that of the enclosing unit or ``deadline()`` block; without one, the
+        timeout bounds the iteration after opening. When it runs out, the
+        connection is aborted and iteration raises the timeout error. Leaving the block early or
         being cancelled mid-stream invalidates the connection like any cancellation.
         """
+        clock = self._unit.clock
+        started = clock()
         async with self.connect() as conn:
             result = await conn.stream(statement, parameters, execution_options=execution_options)
             limit = self._current_limit()
             scope = _SCOPE.get()
             by_deadline = scope is not None and scope.deadline_at is not None
+            deadline = self._unit._timeouts.deadline
+            if scope is None and deadline is not None:
+                # Outside any unit or deadline block: the engine's own deadline, from
+                # the moment the stream was asked for (opening and retries included).
+                left = max(0.0, deadline - (clock() - started))
+                if limit is None or left <= limit:
+                    limit, by_deadline = left, True
             loop = asyncio.get_running_loop()
             expired = False
             watch = None

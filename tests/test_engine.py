@@ -605,8 +605,19 @@ async def test_a_stream_yields_rows_without_loading_them_all(ledger: AsyncEngine
     assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-async def test_the_deadline_covers_the_whole_stream(ledger: AsyncEngine, witness: Witness) -> None:
-    db = ResilientEngine(ledger, timeout=0.3, breaker=False)
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"timeout": 0.3}, (AttemptTimeout, DeadlineExceeded)),
+        # deadline= alone: nothing per attempt, yet the whole stream is bounded.
+        ({"deadline": 0.3}, DeadlineExceeded),
+    ],
+    ids=["timeout", "deadline"],
+)
+async def test_the_deadline_covers_the_whole_stream(
+    ledger: AsyncEngine, witness: Witness, settings: dict[str, float], expected: Any
+) -> None:
+    db = ResilientEngine(ledger, breaker=False, **settings)  # type: ignore[arg-type]
 
     async def slow_consumer() -> None:
         async with db.stream(
@@ -617,8 +628,8 @@ async def test_the_deadline_covers_the_whole_stream(ledger: AsyncEngine, witness
                 await asyncio.sleep(0.01)
 
     started = time.monotonic()
-    with pytest.raises((AttemptTimeout, DeadlineExceeded)):
-        await slow_consumer()
+    with pytest.raises(expected):
+        await asyncio.wait_for(slow_consumer(), 10)  # unbounded would fail at 10 s
     assert time.monotonic() - started < 2.0
     assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
     sessions = await witness.wait_sessions(0)
