@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from resilient_db import AttemptTimeout, resilient
+from resilient_db import AttemptTimeout, DeadlineExceeded, resilient
 from resilient_db._scope import AttemptState
 from resilient_db._sqla import install_commit_tracking
 from resilient_db.policies import timeout as timeout_module
@@ -94,3 +94,44 @@ async def test_an_expired_attempt_aborts_the_connection_of_its_statement(
         assert attempt.abort_inflight()
         assert driver.is_closed()
         await conn.invalidate()
+
+
+async def test_nested_calls_sharing_a_deadline_raise_it_not_a_cancellation() -> None:
+    # The inner guarded call arms a second timer on the same attempt, due within
+    # microseconds of the outer one; both expire in one pass of the watchdog.
+    @resilient(breaker=False, retries=0, retry_budget=None)
+    async def inner() -> None:
+        await asyncio.sleep(5)  # no statement in flight: the timers cancel the task
+
+    @resilient(deadline=0.1, breaker=False, retries=0, retry_budget=None)
+    async def outer() -> None:
+        await inner()
+
+    for _ in range(5):
+        with pytest.raises(DeadlineExceeded):
+            await outer()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # every request withdrawn
+
+
+async def test_a_cancellation_during_the_abort_grace_is_the_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After aborting the I/O in flight the timer waits ABORT_GRACE before cancelling;
+    # a cancellation from outside in that window is the caller's: it must propagate,
+    # never be retried as a timeout.
+    monkeypatch.setattr(AttemptState, "abort_inflight", lambda self: True)
+    calls = 0
+
+    @resilient(timeout=0.1, retries=2, backoff=None, breaker=False, retry_budget=None)
+    async def unit() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(5)
+
+    task = asyncio.ensure_future(unit())
+    await asyncio.sleep(0.1 + timeout_module.ABORT_GRACE / 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == 1

@@ -170,6 +170,12 @@ class AttemptTimer:
         if not self._live:
             return  # disarmed while the expiry was on its way to the loop
         attempt = self._attempt
+        other = attempt.expired_by
+        if isinstance(other, AttemptTimer) and other is not self and other._live:
+            # Nested guarded calls arm timers on the same attempt, often due within
+            # microseconds of each other: the first to expire owns the outcome. A
+            # second cancellation would be taken for someone else's.
+            return
         attempt.expired_by = self
         if attempt.abort_inflight():
             # The driver usually fails within milliseconds of the abort; give it
@@ -194,12 +200,18 @@ class AttemptTimer:
         """Disarm, withdraw our cancellation request, and say whether the attempt
         ended because of this timer (``exc`` is what ended it, if anything)."""
         self.disarm()
+        ours = True
+        if self.fired:
+            # Withdraw our cancellation request in every case, or the task stays
+            # marked as cancelling.
+            ours = self._task.uncancel() <= self._base
         if self._attempt.expired_by is not self:
             return False
-        if self.fired:
-            ours = self._task.uncancel() <= self._base
-            if isinstance(exc, asyncio.CancelledError):
-                return ours
+        if isinstance(exc, asyncio.CancelledError):
+            # Only a cancellation we requested is ours. Before it is requested (the
+            # ABORT_GRACE window after aborting the I/O) a cancellation is someone
+            # else's: the caller's, to be propagated, never retried as a timeout.
+            return self.fired and ours
         return exc is not None
 
 
