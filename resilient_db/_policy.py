@@ -39,7 +39,13 @@ from ._errors import CircuitOpenError, CommitOutcomeUnknown
 from ._instrument import _NO_STATEMENT, _STATE, DatabaseTarget, _Operation, describe
 from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
 from ._sqla import install_commit_tracking
-from .policies.breaker import BreakerOutcome, BreakerProtocol, CircuitBreaker, get_breaker
+from .policies.breaker import (
+    BreakerOutcome,
+    BreakerProtocol,
+    BreakerState,
+    CircuitBreaker,
+    get_breaker,
+)
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff, RetryPolicy
@@ -538,10 +544,15 @@ class Policy:
                     attempt.timers.remove(timer)
         except BaseException as exc:
             if breaker is not None:
-                outcome = breaker_outcome(resolve(self._classifier, exc))
-                if outcome is BreakerOutcome.SUCCESS:
-                    outcome = self._success  # no sign of ill health: as a success
-                breaker.record(permit, outcome, clock() - start)
+                outcome = BreakerOutcome.IGNORED  # should the classifier itself fail
+                try:
+                    outcome = breaker_outcome(resolve(self._classifier, exc))
+                    if outcome is BreakerOutcome.SUCCESS:
+                        outcome = self._success  # no sign of ill health: as a success
+                finally:
+                    # Always give the permit back: a half-open probe slot never
+                    # returned would keep the breaker half-open, rejecting, for good.
+                    breaker.record(permit, outcome, clock() - start)
             raise
         else:
             if breaker is not None:
@@ -600,6 +611,15 @@ class Policy:
         ):
             scope.attempt.replacement = _commit_unknown(scope, unsafe, exc)
             return False, reason + "; a COMMIT was sent during the attempt: not retried"
+        breaker = self._breaker
+        if (
+            verdict.retryable
+            and isinstance(breaker, CircuitBreaker)
+            and breaker.state is BreakerState.OPEN
+        ):
+            # This failure tripped the breaker (or it opened meanwhile): a retry would
+            # only be rejected. The caller gets its own error, not CircuitOpenError.
+            return False, reason + "; the breaker is open: not retried"
         return verdict.retryable, reason
 
     async def _retry_after(

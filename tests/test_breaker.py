@@ -17,6 +17,7 @@ from resilient_db import (
     BreakerTransition,
     CircuitBreaker,
     CircuitOpenError,
+    Classification,
     Policy,
     get_breaker,
 )
@@ -513,3 +514,47 @@ class BreakerMachine(RuleBasedStateMachine):
 
 TestBreakerAgainstModel = BreakerMachine.TestCase
 TestBreakerAgainstModel.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+async def test_a_classifier_that_fails_still_gives_the_probe_slot_back() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("wedge", failure_threshold=1, reset_timeout=1, clock=clock)
+
+    def classifier(exc: BaseException) -> Classification | None:
+        if isinstance(exc, KeyError):
+            raise RuntimeError("a bug in the classifier")
+        return None
+
+    policy = Policy(breaker=breaker, retries=0, retry_budget=None, classifier=classifier)
+
+    async def refused() -> None:
+        raise ConnectionRefusedError("down")
+
+    async def app_bug() -> None:
+        raise KeyError("app bug")
+
+    with pytest.raises(ConnectionRefusedError):
+        await policy.call(refused)
+    clock.advance(2)  # half-open: the next call is the probe
+    with pytest.raises(RuntimeError, match="classifier"):
+        await policy.call(app_bug)
+    assert breaker.snapshot().probes_in_flight == 0
+    clock.advance(100)
+    assert await policy.call(asyncio.sleep, 0, "admitted") == "admitted"
+
+
+async def test_the_tripping_call_gets_its_own_error_even_with_retries_left() -> None:
+    breaker = CircuitBreaker("trip", failure_threshold=1, clock=FakeClock())
+    policy = Policy(breaker=breaker, retries=3, backoff=None, retry_budget=None)
+    calls = 0
+
+    async def refused() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionRefusedError("down")
+
+    with pytest.raises(ConnectionRefusedError):
+        await policy.call(refused)
+    assert calls == 1  # no retry thrown at a breaker it just opened
+    with pytest.raises(CircuitOpenError):
+        await policy.call(refused)  # later calls are rejected

@@ -288,6 +288,16 @@ def test_the_budget_refuses_once_spent() -> None:
     assert [budget.try_withdraw() for _ in range(3)] == [True, True, False]
 
 
+def test_a_floor_below_one_per_second_still_allows_a_retry_now_and_then() -> None:
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0, min_per_second=0.5, clock=clock)  # one every 2 s
+    assert [budget.try_withdraw() for _ in range(2)] == [True, False]
+    clock.advance(1.0)
+    assert not budget.try_withdraw()
+    clock.advance(1.0)
+    assert budget.try_withdraw()
+
+
 class Repo:
     def __init__(self) -> None:
         self.flaky = Flaky(1)

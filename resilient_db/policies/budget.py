@@ -45,6 +45,7 @@ class RetryBudget:
         "_clock",
         "_floor",
         "_floor_at",
+        "_floor_cap",
         "_tokens",
         "deposits",
         "max_tokens",
@@ -69,7 +70,10 @@ class RetryBudget:
             raise TypeError(f"clock must be a callable returning seconds; got {clock!r}")
         self._clock = clock
         self._tokens = 0.0
-        self._floor = self.min_per_second
+        # The floor's bucket holds one second's worth, and at least one token: with
+        # min_per_second below 1 it must still fill up to a whole retry.
+        self._floor_cap = max(1.0, self.min_per_second) if self.min_per_second > 0 else 0.0
+        self._floor = self._floor_cap
         self._floor_at = clock()
         self.deposits = 0
         self.withdrawals = 0
@@ -91,7 +95,7 @@ class RetryBudget:
             now = self._clock()
             refill = (now - self._floor_at) * self.min_per_second
             self._floor_at = now
-            self._floor = min(self.min_per_second, self._floor + refill)
+            self._floor = min(self._floor_cap, self._floor + refill)
             if self._floor >= 1.0:
                 self._floor -= 1.0
                 self.withdrawals += 1
@@ -103,7 +107,7 @@ class RetryBudget:
     def available(self) -> float:
         """Tokens available now (banked plus floor), for telemetry."""
         now = self._clock()
-        floor = min(self.min_per_second, self._floor + (now - self._floor_at) * self.min_per_second)
+        floor = min(self._floor_cap, self._floor + (now - self._floor_at) * self.min_per_second)
         return self._tokens + floor
 
     def __repr__(self) -> str:
