@@ -225,7 +225,8 @@ SQLITE_RULES: Final[dict[int, Rule]] = {
     9: _rule(_C.TIMEOUT, "SQLITE_INTERRUPT"),
     13: _rule(_C.OVERLOAD, "SQLITE_FULL", counts=True),
 }
-"""SQLite extended result code → what we do. Anything else is permanent."""
+"""SQLite extended result code → what we do. An extended code missing here falls back
+to its primary code (the low 8 bits); anything else is permanent."""
 
 _CONNECTION_ERRNOS: Final = frozenset(
     {
@@ -368,7 +369,9 @@ def classify(exc: BaseException) -> Classification:
         )
     sqlite_code = find_sqlite_code(exc)
     if sqlite_code is not None:
-        rule = SQLITE_RULES.get(sqlite_code)
+        # An extended code without a rule of its own is judged by its primary code
+        # (the low 8 bits), as SQLSTATEs fall back to their class.
+        rule = SQLITE_RULES.get(sqlite_code) or SQLITE_RULES.get(sqlite_code & 0xFF)
         if rule is not None:
             return _from_rule(rule, sqlite_code=sqlite_code)
         if not _is_lost_connection(exc):

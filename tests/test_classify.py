@@ -112,7 +112,7 @@ def test_unrelated_os_errors_are_permanent() -> None:
     assert classify(FileNotFoundError(errno.ENOENT, "nope")).category is ErrorCategory.PERMANENT
 
 
-@pytest.mark.parametrize("code", [5, 517])
+@pytest.mark.parametrize("code", [5, 517, 518])  # 518 SQLITE_LOCKED_VTAB: by its primary, 6
 def test_sqlite_busy_codes_are_conflicts(code: int) -> None:
     orig = sqlite3.OperationalError("database is locked")
     orig.sqlite_errorcode = code
