@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,7 @@ async def measure(url: str, *, rounds: int, ops: int, warmup: int) -> list[Row]:
 
 
 def table(rows: Sequence[Row]) -> str:
-    raw_cpu = statistics.median(next(r for r in rows if r.variant == "raw").per_round_cpu_us)
+    raw_cpu = next(r for r in rows if r.variant == "raw").cpu_median_us
     width = max(len(r.variant) for r in rows)
     lines = [
         f"{'variant':<{width}}  {'wall µs':>8}  {'× raw':>6}  {'CPU µs':>7}  {'CPU × raw':>9}"

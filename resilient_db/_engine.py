@@ -367,8 +367,7 @@ class ResilientEngine:
         conn = self.connect()
         async with conn:
             await AsyncConnection.begin(conn)
-            conn._server_timeouts_pending = self._per_transaction
-            conn._statement_timeout_sent = False
+            _transaction_begun(conn)
             try:
                 yield conn
             except BaseException:
@@ -617,7 +616,6 @@ class ResilientEngine:
     async def _apply_server_timeouts(self, owner: GuardedConnection | GuardedSession) -> None:
         """Send the remaining time (and the correlation ID) to PostgreSQL, for the
         owner's current transaction only, in one statement."""
-        owner._statement_timeout_sent = False
         if not self._per_transaction:
             return
         conn = await _connection_of(owner)
@@ -1006,9 +1004,7 @@ class _GuardedTransaction(AsyncTransaction):
             await AsyncTransaction.start(self, is_ctxmanager)
             conn = self.connection
             if not self.nested and isinstance(conn, GuardedConnection):
-                # Sent just before the first statement that is not SET TRANSACTION.
-                conn._server_timeouts_pending = conn._db._per_transaction
-                conn._statement_timeout_sent = False
+                _transaction_begun(conn)
             return self
 
         async def commit(self) -> None:
@@ -1032,11 +1028,7 @@ class _GuardedSessionTransaction(AsyncSessionTransaction):
             await AsyncSessionTransaction.start(self, is_ctxmanager)
             session = self.session
             if not self.nested and isinstance(session, GuardedSession):
-                # Sent just before the first statement that is not SET TRANSACTION
-                # (which PostgreSQL only accepts before any query).
-                db = session._db
-                session._server_timeouts_pending = db._per_transaction
-                session._statement_timeout_sent = False
+                _transaction_begun(session)
             return self
 
         async def commit(self) -> None:
@@ -1048,6 +1040,14 @@ class _GuardedSessionTransaction(AsyncSessionTransaction):
 
         async def __aexit__(self, type_, value, traceback) -> None:
             await _exit_guarded(self, AsyncSessionTransaction.__aexit__, type_, value, traceback)
+
+
+def _transaction_begun(owner: GuardedConnection | GuardedSession) -> None:
+    """An explicit transaction started on ``owner``: the server-side settings are sent
+    just before its first statement that is not SET TRANSACTION (which PostgreSQL
+    only accepts before any query); none of ours was sent yet."""
+    owner._server_timeouts_pending = owner._db._per_transaction
+    owner._statement_timeout_sent = False
 
 
 async def _exit_guarded(
