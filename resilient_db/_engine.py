@@ -35,7 +35,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
 from urllib.parse import quote
 
 from opentelemetry import trace
@@ -533,7 +533,7 @@ class ResilientEngine:
                 read_only = fresh and is_read_only(statement, options)
             if read_only and fresh:
                 return await self._read._invoke(  # type: ignore[no-any-return]
-                    _retry_alone, (owner, fn, args, kwargs), {}, fn, self._target, statement
+                    _Alone(owner, fn), args, kwargs, fn, self._target, statement
                 )
             return await self._once._invoke(  # type: ignore[no-any-return]
                 fn, args, kwargs, fn, self._target, statement
@@ -822,13 +822,31 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncConnection.rollback(owner)
 
 
+class _Alone:
+    """The attempts of a statement retried on its own (it opened its transaction).
+
+    The first runs the statement as it is; a later one first rolls back what the
+    failed attempt left: its (single-statement) transaction aborted, or its
+    connection invalidated."""
+
+    __slots__ = ("_fn", "_owner", "_retrying")
+
+    def __init__(self, owner: Any, fn: Callable[..., Awaitable[Any]]) -> None:
+        self._owner = owner
+        self._fn = fn
+        self._retrying = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        if self._retrying:
+            return _retry_alone(self._owner, self._fn, args, kwargs)
+        self._retrying = True
+        return self._fn(*args, **kwargs)
+
+
 async def _retry_alone(
     owner: Any, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> T:
-    """One attempt of a statement retried on its own (it opened its transaction)."""
     if _in_transaction(owner):
-        # A previous attempt failed and left its (single-statement) transaction
-        # aborted, or its connection invalidated: start clean.
         if isinstance(owner, AsyncSession):
             await AsyncSession.rollback(owner)
         else:
@@ -854,8 +872,8 @@ async def _connection_of(owner: Any) -> AsyncConnection:
 def _in_transaction(owner: GuardedConnection | GuardedSession) -> bool:
     # The sync objects directly: this runs for every guarded statement.
     if owner._is_session:
-        return cast("GuardedSession", owner).sync_session.in_transaction()
-    sync = cast("GuardedConnection", owner).sync_connection
+        return owner.sync_session.in_transaction()  # type: ignore[union-attr]
+    sync = owner.sync_connection  # type: ignore[union-attr]
     return sync is not None and sync.in_transaction()
 
 
@@ -936,10 +954,10 @@ class GuardedConnection(AsyncConnection):
                 return await AsyncConnection.start(self, is_ctxmanager)
             if db.pool_bulkhead:
                 db._check_pool_capacity()
-            return await db._checkout._invoke(
+            # Guarded only if it has to wait: a warm pool answers from memory.
+            return await db._checkout._invoke_if_waiting(
                 AsyncConnection.start,
                 (self, is_ctxmanager),
-                {},
                 "connect",
                 db._target,
                 db._pool_checkout,

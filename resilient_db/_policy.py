@@ -29,7 +29,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, Final, Literal, NoReturn, ParamSpec, TypeVar, cast, overload
 
 from . import _instrument
@@ -146,6 +146,7 @@ class Policy:
         "_retry",
         "_success",
         "_timeouts",
+        "_unguarded_start",
         "idempotent",
     )
 
@@ -209,6 +210,8 @@ class Policy:
         """How a successful attempt counts for the breaker (see :meth:`_derive`)."""
         self._deposits: RetryBudget | None = budget
         """The budget each call deposits into (``None``: calls deposit nothing)."""
+        self._unguarded_start = False
+        """Whether :meth:`_invoke_if_waiting` may start a call outside the policy."""
         install_commit_tracking()
 
     # -- building from configuration ------------------------------------------------------
@@ -273,6 +276,11 @@ class Policy:
         if traffic is not None:
             clone._success = BreakerOutcome.SUCCESS if traffic else BreakerOutcome.IGNORED
             clone._deposits = clone._retry.budget if traffic else None
+            clone._unguarded_start = (
+                not traffic
+                and clone._bulkhead is None
+                and (clone._breaker is None or type(clone._breaker) is CircuitBreaker)
+            )
         return clone
 
     @property
@@ -380,6 +388,57 @@ class Policy:
         return cast("T", await self._invoke(fn, args, kwargs))
 
     # -- the machinery -------------------------------------------------------------------
+
+    async def _invoke_if_waiting(
+        self,
+        start: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        label: Any,
+        target: DatabaseTarget | None,
+        statement: Any,
+    ) -> Any:
+        """Run ``start(*args)`` under the policy only if it has to wait.
+
+        For calls whose success says nothing about the database (``traffic=False``:
+        the engine's pool checkouts). ``start`` first runs outside the policy up to
+        its first wait. A warm pool answers a checkout from memory, without any
+        I/O: nothing could hang, a success would be ignored by the breaker and
+        deposit nothing, so a guard would only cost time — that result is returned
+        as it is. If it waits (connecting, a pre-ping, a pool with no idle
+        connection), the rest of it is the first attempt of an ordinary guarded
+        call: timed, counted by the breaker, retried afresh. A failure before any
+        wait is that first attempt's failure, counted and retried the same way.
+
+        Taken only when nothing would tell the difference: no instrumentation
+        hooks active (they see every checkout as an operation), no bulkhead (an
+        attempt takes a slot), the breaker closed (open, it must reject; half-open,
+        a checkout takes a probe slot), and no deadline around the call (an expired
+        one must fail before anything starts).
+        """
+        if _STATE.recheck_at <= _monotonic():
+            _instrument.refresh_instrumentation()
+        scope = _SCOPE.get()
+        breaker = self._breaker
+        if (
+            self._unguarded_start
+            and not _STATE.active
+            and (scope is None or (not scope.in_call and scope.deadline_at is None))
+            and (breaker is None or breaker._state is BreakerState.CLOSED)  # type: ignore[attr-defined]
+        ):
+            coro = start(*args)
+            try:
+                waiting = coro.send(None)
+            except StopIteration as done:
+                return done.value
+            except Exception as exc:
+                rest = _Continuation(start, None, None, exc)
+            else:
+                rest = _Continuation(start, coro, waiting, None)
+            try:
+                return await self._invoke(rest, args, {}, label, target, statement)
+            finally:
+                rest.close()
+        return await self._invoke(start, args, {}, label, target, statement)
 
     async def _invoke(
         self,
@@ -678,6 +737,77 @@ class Policy:
     def _warn_cancelled_commit(self, scope: CallScope, name: str = "call") -> None:
         if scope.attempt.unsafe_commits():
             _instrument.commit_outcome_unknown(scope, name, None, None, cancelled=True)
+
+
+class _Continuation:
+    """The first attempt of a call started outside the policy (see
+    :meth:`Policy._invoke_if_waiting`): the rest of the coroutine that had to wait,
+    or the error it failed with before waiting. Later attempts start afresh."""
+
+    __slots__ = ("_coro", "_error", "_start", "_waiting")
+
+    def __init__(
+        self,
+        start: Callable[..., Coroutine[Any, Any, Any]],
+        coro: Coroutine[Any, Any, Any] | None,
+        waiting: Any,
+        error: Exception | None,
+    ) -> None:
+        self._start = start
+        self._coro = coro
+        self._waiting = waiting
+        self._error = error
+
+    def close(self) -> None:
+        """Should the policy fail before the first attempt, close what waits."""
+        if self._coro is not None:
+            self._coro.close()
+            self._coro = None
+
+    def __call__(self, *args: Any) -> Awaitable[Any]:
+        coro, error = self._coro, self._error
+        self._coro = self._error = None
+        if coro is not None:
+            return _Resumed(coro, self._waiting)
+        if error is not None:
+            return _failed(error)
+        return self._start(*args)
+
+
+async def _failed(error: Exception) -> NoReturn:
+    raise error
+
+
+class _Resumed:
+    """Awaiting it continues a coroutine that was sent ``None`` once and yielded
+    ``waiting``: the same as having awaited that coroutine from the start (what the
+    task sends or throws in goes to the coroutine; closing closes it)."""
+
+    __slots__ = ("_coro", "_waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
+        self._coro = coro
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self._coro, self._waiting
+        self._waiting = None
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # a cancellation, or what the task throws in
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 def _commit_unknown(

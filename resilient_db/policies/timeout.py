@@ -43,6 +43,8 @@ usually surfaces the error within milliseconds; the documented bound on when the
 caller gets its timeout error is ``limit + ABORT_GRACE``."""
 
 
+_monotonic: Final = time.monotonic
+
 _TIMER_CONTEXT: Final = contextvars.Context()
 """The timer's callbacks need no context variables. Without an explicit context,
 asyncio would copy the caller's, and keep that copy — with the call's scope in it —
@@ -140,7 +142,7 @@ class AttemptTimer:
     is propagated untouched.
     """
 
-    __slots__ = ("_attempt", "_base", "_grace", "_live", "_loop", "_task", "due", "fired")
+    __slots__ = ("_attempt", "_base", "_grace", "_live", "_task", "due", "fired")
 
     def __init__(self, attempt: AttemptState, limit: float):
         task = asyncio.current_task()
@@ -148,12 +150,11 @@ class AttemptTimer:
         self._task = task
         self._base = task.cancelling()
         self._attempt = attempt
-        self._loop = task.get_loop()
         self._grace: asyncio.TimerHandle | None = None
         self._live = True
         self.fired = False
         """The timer asked for the task to be cancelled."""
-        self.due = due = time.monotonic() + limit
+        self.due = due = _monotonic() + limit
         """When it runs out, on ``time.monotonic``."""
         watchdog = _WATCHDOG
         watchdog.armed.add(self)
@@ -164,7 +165,7 @@ class AttemptTimer:
         """Called by the timer thread when the time is up."""
         # A closed loop raises: then there is nothing left to stop.
         with contextlib.suppress(Exception):
-            self._loop.call_soon_threadsafe(self._expire, context=_TIMER_CONTEXT)
+            self._task.get_loop().call_soon_threadsafe(self._expire, context=_TIMER_CONTEXT)
 
     def _expire(self) -> None:
         if not self._live:
@@ -180,7 +181,9 @@ class AttemptTimer:
         if attempt.abort_inflight():
             # The driver usually fails within milliseconds of the abort; give it
             # ABORT_GRACE before falling back to cancelling the task.
-            self._grace = self._loop.call_later(ABORT_GRACE, self._cancel, context=_TIMER_CONTEXT)
+            self._grace = self._task.get_loop().call_later(
+                ABORT_GRACE, self._cancel, context=_TIMER_CONTEXT
+            )
         else:
             self._cancel()
 
