@@ -1,6 +1,6 @@
 """Where the overhead of a guarded unit goes: the policy taken apart, piece by piece.
 
-    python -m bench.ablation [--rounds N] [--ops N] [--quick] [--pg-url URL]
+    python -m bench.ablation [--rounds N] [--ops N] [--quick] [--pre-ping] [--pg-url URL]
 
 The unit is figure 1's (connect, ``SELECT 1``, release) on PostgreSQL. Interleaved
 in one process, with the harness's median of per-round ratios, wall time and the
@@ -60,8 +60,10 @@ def variants(engine: AsyncEngine) -> list[Variant]:
     return found
 
 
-async def measure(url: str, *, rounds: int, ops: int, warmup: int) -> list[Row]:
-    engine = create_async_engine(url)
+async def measure(
+    url: str, *, rounds: int, ops: int, warmup: int, pre_ping: bool = False
+) -> list[Row]:
+    engine = create_async_engine(url, pool_pre_ping=pre_ping)
     telemetry = install()
     try:
         return await run_interleaved(
@@ -99,15 +101,27 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ops", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="a few iterations only")
     parser.add_argument("--pg-url", default=None, help="PostgreSQL server (as the tests)")
+    parser.add_argument(
+        "--pre-ping",
+        action="store_true",
+        help="engine with pool_pre_ping=True: every checkout asks the server (and is guarded)",
+    )
     parser.add_argument("--out", default=None, help="directory for the JSON (bench/results)")
     args = parser.parse_args(argv)
     rounds, ops, warmup = (2, 5, 5) if args.quick else (args.rounds, args.ops, 300)
     url = args.pg_url or pg_url_from_env()
-    rows = await measure(url, rounds=rounds, ops=ops, warmup=warmup)
-    print("connect, SELECT 1, release (PostgreSQL, asyncpg), tracing off")
+    rows = await measure(url, rounds=rounds, ops=ops, warmup=warmup, pre_ping=args.pre_ping)
+    ping = ", pool_pre_ping=True" if args.pre_ping else ""
+    print(f"connect, SELECT 1, release (PostgreSQL, asyncpg{ping}), tracing off")
     print(table(rows))
     packages = ("sqlalchemy", "asyncpg")
-    results = {"rounds": rounds, "ops_per_round": ops, "warmup": warmup, "rows": rows}
+    results = {
+        "rounds": rounds,
+        "ops_per_round": ops,
+        "warmup": warmup,
+        "pool_pre_ping": args.pre_ping,
+        "rows": rows,
+    }
     out = None if args.out is None else Path(args.out)
     path = write_json("ablation", {"versions": versions(*packages), **results}, out)
     print(f"\nwritten: {path}")
