@@ -202,3 +202,25 @@ def test_the_ablation_runs_every_variant_and_writes_numbers(pg_url: str, tmp_pat
     for row in rows:
         assert _number(row["ratio"]) and _number(row["cpu_ratio"]), row
         assert row["variant"] in done.stdout
+
+
+@pytest.mark.postgres
+def test_the_bytecode_count_sees_the_guarded_path(pg_url: str, tmp_path: Path) -> None:
+    command = ["-m", "bench.bytecodes", "--units", "3", "--out", str(tmp_path), "--pg-url", pg_url]
+    done = subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, f"python -m bench.bytecodes failed:\n{done.stdout}\n{done.stderr}"
+    (json_path,) = tmp_path.glob("bytecodes-*.json")
+    rows = {row["variant"]: row for row in json.loads(json_path.read_text())["rows"]}
+    assert list(rows) == ["raw", "@resilient", "ResilientEngine"]
+    assert rows["raw"]["bytecodes_per_unit"] > 1000  # the tracer saw SQLAlchemy's work
+    for name in ("@resilient", "ResilientEngine"):
+        assert rows[name]["beyond_raw"] > 0, rows[name]
+        functions = {f["function"].split(":")[0] for f in rows[name]["top_functions"]}
+        assert "_policy.py" in functions  # the policy's own functions are among them
