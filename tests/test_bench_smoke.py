@@ -71,25 +71,28 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _run_quick(out: Path, pg_url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--pg-url", pg_url],
+def _run_bench(module: str, out: Path, pg_url: str, *options: str) -> str:
+    """``python -m <module> <options> --out <out> --pg-url <pg_url>``: it must exit
+    cleanly; its standard output."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *options, "--out", str(out), "--pg-url", pg_url],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=100,
         check=False,
     )
+    assert done.returncode == 0, f"python -m {module} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
 def quick_run(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     out = tmp_path_factory.mktemp("bench")
-    done = _run_quick(out, pg_url)
-    assert done.returncode == 0, f"python -m bench --quick failed:\n{done.stdout}\n{done.stderr}"
+    stdout = _run_bench("bench", out, pg_url, "--quick")
     (json_path,) = out.glob("bench-*.json")
     (svg_path,) = out.glob("bench-*.svg")
-    return json_path, svg_path, done.stdout
+    return json_path, svg_path, stdout
 
 
 @pytest.mark.postgres
@@ -184,16 +187,7 @@ def test_the_plot_is_an_svg_with_a_panel_per_figure(quick_run: tuple[Path, Path,
 
 @pytest.mark.postgres
 def test_the_ablation_runs_every_variant_and_writes_numbers(pg_url: str, tmp_path: Path) -> None:
-    command = ["-m", "bench.ablation", "--quick", "--out", str(tmp_path), "--pg-url", pg_url]
-    done = subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
-    assert done.returncode == 0, f"python -m bench.ablation failed:\n{done.stdout}\n{done.stderr}"
+    stdout = _run_bench("bench.ablation", tmp_path, pg_url, "--quick")
     (json_path,) = tmp_path.glob("ablation-*.json")
     rows = json.loads(json_path.read_text())["rows"]
     names = [row["variant"] for row in rows]
@@ -201,21 +195,12 @@ def test_the_ablation_runs_every_variant_and_writes_numbers(pg_url: str, tmp_pat
     assert sum(name.startswith("ResilientEngine") for name in names) == 5
     for row in rows:
         assert _number(row["ratio"]) and _number(row["cpu_ratio"]), row
-        assert row["variant"] in done.stdout
+        assert row["variant"] in stdout
 
 
 @pytest.mark.postgres
 def test_the_bytecode_count_sees_the_guarded_path(pg_url: str, tmp_path: Path) -> None:
-    command = ["-m", "bench.bytecodes", "--units", "3", "--out", str(tmp_path), "--pg-url", pg_url]
-    done = subprocess.run(
-        [sys.executable, *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
-    assert done.returncode == 0, f"python -m bench.bytecodes failed:\n{done.stdout}\n{done.stderr}"
+    _run_bench("bench.bytecodes", tmp_path, pg_url, "--units", "3")
     (json_path,) = tmp_path.glob("bytecodes-*.json")
     rows = {row["variant"]: row for row in json.loads(json_path.read_text())["rows"]}
     assert list(rows) == ["raw", "@resilient", "ResilientEngine"]
