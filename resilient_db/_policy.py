@@ -431,9 +431,9 @@ class Policy:
             except StopIteration as done:
                 return done.value
             except Exception as exc:
-                rest = _Continuation(start, None, None, exc)
+                rest = _Continuation(start, _failed(exc))
             else:
-                rest = _Continuation(start, coro, waiting, None)
+                rest = _Continuation(start, _Resumed(coro, waiting))
             try:
                 return await self._invoke(rest, args, {}, label, target, statement)
             finally:
@@ -740,38 +740,33 @@ class Policy:
 
 
 class _Continuation:
-    """The first attempt of a call started outside the policy (see
-    :meth:`Policy._invoke_if_waiting`): the rest of the coroutine that had to wait,
-    or the error it failed with before waiting. Later attempts start afresh."""
+    """The attempts of a call started outside the policy (see
+    :meth:`Policy._invoke_if_waiting`): the first is ``first`` — the rest of the
+    coroutine that had to wait, or the error it failed with before waiting; later
+    attempts start afresh."""
 
-    __slots__ = ("_coro", "_error", "_start", "_waiting")
+    __slots__ = ("_first", "_start")
 
     def __init__(
         self,
         start: Callable[..., Coroutine[Any, Any, Any]],
-        coro: Coroutine[Any, Any, Any] | None,
-        waiting: Any,
-        error: Exception | None,
+        first: Coroutine[Any, Any, Any] | _Resumed,
     ) -> None:
         self._start = start
-        self._coro = coro
-        self._waiting = waiting
-        self._error = error
+        self._first: Coroutine[Any, Any, Any] | _Resumed | None = first
 
     def close(self) -> None:
         """Should the policy fail before the first attempt, close what waits."""
-        if self._coro is not None:
-            self._coro.close()
-            self._coro = None
+        if self._first is not None:
+            self._first.close()
+            self._first = None
 
     def __call__(self, *args: Any) -> Awaitable[Any]:
-        coro, error = self._coro, self._error
-        self._coro = self._error = None
-        if coro is not None:
-            return _Resumed(coro, self._waiting)
-        if error is not None:
-            return _failed(error)
-        return self._start(*args)
+        first = self._first
+        if first is None:
+            return self._start(*args)
+        self._first = None
+        return first
 
 
 async def _failed(error: Exception) -> NoReturn:
@@ -788,6 +783,9 @@ class _Resumed:
     def __init__(self, coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
         self._coro = coro
         self._waiting = waiting
+
+    def close(self) -> None:
+        self._coro.close()
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, value = self._coro, self._waiting
