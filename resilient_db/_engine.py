@@ -1012,54 +1012,60 @@ class GuardedConnection(AsyncConnection):
             await self._db._commit(self, lambda: AsyncConnection.commit(self))
 
 
-class _GuardedTransaction(AsyncTransaction):
-    """``conn.begin()`` on a guarded connection: the server-side deadline when it
-    starts, and its COMMIT through the engine's tracking, as with ``db.begin()``."""
+class _GuardedBlock:
+    """What ``conn.begin()`` and ``session.begin()`` on a guarded owner share with
+    ``db.begin()``: the server-side deadline when the transaction starts, its COMMIT
+    through the engine's tracking, and a block exit that commits that way.
+
+    Mixed into a subclass of the SQLAlchemy class named by ``_sqlalchemy``, whose
+    own methods run everything else (nested transactions, unguarded owners)."""
 
     __slots__ = ()
 
     if not TYPE_CHECKING:
+        _sqlalchemy: ClassVar[type]
 
-        async def start(self, is_ctxmanager: bool = False) -> AsyncTransaction:
-            await AsyncTransaction.start(self, is_ctxmanager)
-            conn = self.connection
-            if not self.nested and isinstance(conn, GuardedConnection):
-                _transaction_begun(conn)
+        def _guarded_owner(self) -> GuardedConnection | GuardedSession | None:
+            raise NotImplementedError
+
+        async def start(self, is_ctxmanager: bool = False) -> Any:
+            await self._sqlalchemy.start(self, is_ctxmanager)
+            owner = self._guarded_owner()
+            if owner is not None and not self.nested:
+                _transaction_begun(owner)
             return self
 
         async def commit(self) -> None:
-            conn = self.connection
-            if self.nested or not isinstance(conn, GuardedConnection):
-                await AsyncTransaction.commit(self)
+            owner = self._guarded_owner()
+            sqlalchemy_commit = self._sqlalchemy.commit
+            if self.nested or owner is None:
+                await sqlalchemy_commit(self)
                 return
-            await conn._db._commit(conn, lambda: AsyncTransaction.commit(self))
+            await owner._db._commit(owner, lambda: sqlalchemy_commit(self))
 
         async def __aexit__(self, type_, value, traceback) -> None:
-            await _exit_guarded(self, AsyncTransaction.__aexit__, type_, value, traceback)
+            await _exit_guarded(self, self._sqlalchemy.__aexit__, type_, value, traceback)
 
 
-class _GuardedSessionTransaction(AsyncSessionTransaction):
-    """Applies the server-side deadline when an explicit transaction starts, and
-    routes its COMMIT through the engine's tracking."""
+class _GuardedTransaction(_GuardedBlock, AsyncTransaction):
+    """``conn.begin()`` on a guarded connection, as ``db.begin()``."""
 
-    if not TYPE_CHECKING:
+    __slots__ = ()
+    _sqlalchemy = AsyncTransaction
 
-        async def start(self, is_ctxmanager: bool = False) -> AsyncSessionTransaction:
-            await AsyncSessionTransaction.start(self, is_ctxmanager)
-            session = self.session
-            if not self.nested and isinstance(session, GuardedSession):
-                _transaction_begun(session)
-            return self
+    def _guarded_owner(self) -> GuardedConnection | None:
+        conn = self.connection
+        return conn if isinstance(conn, GuardedConnection) else None
 
-        async def commit(self) -> None:
-            session = self.session
-            if self.nested or not isinstance(session, GuardedSession):
-                await AsyncSessionTransaction.commit(self)
-                return
-            await session._db._commit(session, lambda: AsyncSessionTransaction.commit(self))
 
-        async def __aexit__(self, type_, value, traceback) -> None:
-            await _exit_guarded(self, AsyncSessionTransaction.__aexit__, type_, value, traceback)
+class _GuardedSessionTransaction(_GuardedBlock, AsyncSessionTransaction):
+    """``session.begin()`` on a guarded session."""
+
+    _sqlalchemy = AsyncSessionTransaction
+
+    def _guarded_owner(self) -> GuardedSession | None:
+        session = self.session
+        return session if isinstance(session, GuardedSession) else None
 
 
 def _transaction_begun(owner: GuardedConnection | GuardedSession) -> None:
