@@ -7,7 +7,10 @@ change worth making; the number of bytecode instructions the interpreter execute
 for one unit does not move unless the code path does. Counted with
 ``sys.settrace`` opcode events over N of figure 1's units (connect, ``SELECT 1``,
 release) on PostgreSQL after a warm-up, for the raw engine, ``@resilient`` and
-``ResilientEngine``, with the functions that add the most.
+``ResilientEngine``, with the functions that add the most. As in the timed figures,
+"raw" runs with resilient-db's process-wide SQLAlchemy listeners removed, and "raw,
+listeners installed" shows what they cost an unguarded unit: any ``Engine`` event
+listener switches SQLAlchemy to its event-dispatching path for every connection.
 
 It is not a time: one bytecode may cost 20 ns or 2 µs (a C call, cache misses after
 an I/O wait). Use it to see whether a change shortened the path, and the timed
@@ -32,6 +35,7 @@ from bench._context import pg_url_from_env
 from bench._harness import versions, write_json
 from bench._variants import engine_unit, raw_unit
 from resilient_db import ResilientEngine, resilient
+from resilient_db._sqla import install_commit_tracking, uninstall_commit_tracking
 
 Unit = Callable[[], Awaitable[Any]]
 
@@ -60,16 +64,25 @@ async def measure(url: str, *, units: int, warmup: int) -> dict[str, Counter[str
     engine = create_async_engine(url)
     try:
         raw = raw_unit(engine)
-        variants: dict[str, Unit] = {
-            "raw": raw,
-            "@resilient": resilient(timeout=2, retries=3)(raw),
-            "ResilientEngine": engine_unit(ResilientEngine(engine, timeout=2, retries=3)),
-        }
+        # (name, unit, resilient-db's SQLAlchemy listeners installed while it runs)
+        variants: list[tuple[str, Unit, bool]] = [
+            ("raw", raw, False),
+            ("raw, listeners installed", raw, True),
+            ("@resilient", resilient(timeout=2, retries=3)(raw), True),
+            ("ResilientEngine", engine_unit(ResilientEngine(engine, timeout=2, retries=3)), True),
+        ]
         found = {}
-        for name, unit in variants.items():
-            for _ in range(warmup):
-                await unit()
-            found[name] = await count(unit, units)
+        try:
+            for name, unit, listening in variants:
+                if listening:
+                    install_commit_tracking()
+                else:
+                    uninstall_commit_tracking()
+                for _ in range(warmup):
+                    await unit()
+                found[name] = await count(unit, units)
+        finally:
+            install_commit_tracking()
         return found
     finally:
         await engine.dispose()
@@ -80,7 +93,7 @@ def report(
 ) -> tuple[str, list[dict[str, Any]]]:
     raw = found["raw"]
     raw_total = sum(raw.values()) / units
-    lines = [f"{'variant':<16}  {'bytecodes/unit':>14}  {'beyond raw':>10}"]
+    lines = [f"{'variant':<24}  {'bytecodes/unit':>14}  {'beyond raw':>10}"]
     rows: list[dict[str, Any]] = []
     for name, counts in found.items():
         total = sum(counts.values()) / units
@@ -98,7 +111,7 @@ def report(
                 "top_functions": [{"function": k, "per_unit": v} for k, v in biggest],
             }
         )
-        lines.append(f"{name:<16}  {total:>14.0f}  {total - raw_total:>10.0f}")
+        lines.append(f"{name:<24}  {total:>14.0f}  {total - raw_total:>10.0f}")
     for row in rows[1:]:
         lines.append(f"\n{row['variant']}: the functions that add the most, per unit")
         lines.extend(f"  {f['per_unit']:>7.1f}  {f['function']}" for f in row["top_functions"])

@@ -41,7 +41,7 @@ import threading
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, ExceptionContext
+from sqlalchemy.engine import Connection, Dialect, Engine, ExceptionContext
 
 from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
 from ._scope import _SCOPE, CommitStatus
@@ -157,23 +157,54 @@ _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
 )
 
 
+_FLAGGED: tuple[type[Any], ...] = (Engine, Dialect)
+"""The classes whose ``_has_events`` flag a class-level listener sets: ``Engine``
+(the connection events) and ``Dialect`` (``handle_error``)."""
+
+_flags_before: dict[type[Any], bool] = {}
+
+
+def _class_listeners_left(cls: type[Any]) -> bool:
+    """Whether any class-level listener is still registered on ``cls``'s events
+    (``True`` when SQLAlchemy's internals do not say: then nothing is reset)."""
+    try:
+        return any(
+            any(getattr(cls.dispatch, name)._clslevel.values())
+            for name in cls.dispatch._event_names
+        )
+    except AttributeError:
+        return True
+
+
 def install_commit_tracking() -> None:
     """Install the class-level listeners once per process (idempotent, thread-safe)."""
     global _installed
     with _lock:
         if _installed:
             return
+        for cls in _FLAGGED:
+            _flags_before[cls] = bool(getattr(cls, "_has_events", False))
         for target, name, fn in _LISTENERS:
             event.listen(target, name, fn)
         _installed = True
 
 
 def uninstall_commit_tracking() -> None:
-    """Remove the listeners (benchmarks use it for a truly raw baseline)."""
+    """Remove the listeners (benchmarks use it for a truly raw baseline).
+
+    Removing a listener does not clear the class flag that listening set, and with
+    ``Engine._has_events`` set every connection of every engine takes SQLAlchemy's
+    event-dispatching path (a joined dispatcher per connection, looked up at each
+    event point) even with no listener left: the flags go back to what they were
+    before :func:`install_commit_tracking` when no class-level listener remains.
+    """
     global _installed
     with _lock:
         if not _installed:
             return
         for target, name, fn in _LISTENERS:
             event.remove(target, name, fn)
+        for cls in _FLAGGED:
+            if not _flags_before.get(cls, True) and not _class_listeners_left(cls):
+                cls._has_events = False
         _installed = False
