@@ -59,6 +59,7 @@ from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
 from ._instrument import _STATE, DatabaseTarget, PoolCheckout, _Operation
 from ._policy import DEFAULT, Policy, _Default
 from ._scope import _SCOPE, CallScope, CommitRecord, CommitStatus
+from ._sqla import track_dialect
 from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
@@ -272,6 +273,9 @@ class ResilientEngine:
         )
         self._target = DatabaseTarget.from_url(engine.url, engine.dialect.name)
         self._pool_checkout = PoolCheckout(_engine_name(engine.url))
+        # COMMITs and statements tracked from the first one (the per-loop copies
+        # share this dialect).
+        track_dialect(engine.sync_engine.dialect)
         if self.sql_comment and not event.contains(
             engine.sync_engine, "before_cursor_execute", _add_sql_comment
         ):

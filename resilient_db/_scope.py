@@ -31,9 +31,9 @@ class CommitStatus(enum.Enum):
     """What is known of one COMMIT sent during an attempt."""
 
     PENDING = "pending"
-    """Sent; no error seen from it (it may have succeeded, or still be running)."""
+    """Sent; the driver's commit call has not returned yet."""
     RETURNED = "returned"
-    """Sent and known to have returned (the connection was used again afterwards)."""
+    """Sent, and the driver's commit call returned."""
     REJECTED = "rejected"
     """The database answered COMMIT with an error: the transaction did not commit."""
     AMBIGUOUS = "ambiguous"
@@ -59,8 +59,9 @@ class AttemptState:
     replacement: CommitOutcomeUnknown | None = None
     """The error the caller gets instead of the attempt's own (``CommitOutcomeUnknown``)."""
     inflight: dict[Any, None] | None = None
-    """SQLAlchemy connections with a statement or COMMIT in flight for this attempt
-    (registered and unregistered by the listeners in ``_sqla``; see ``_abort``)."""
+    """Connections with a statement (SQLAlchemy ``Connection``) or a COMMIT (the
+    pool's connection proxy) in flight for this attempt, registered for the duration
+    of the DBAPI call by the dialect wrappers in ``_sqla`` (see ``_abort``)."""
     expired_by: object = None
     """The timer whose time ran out (set just before it aborts the I/O in flight)."""
     deadline_at: float | None = None
@@ -95,9 +96,14 @@ class AttemptState:
             return False
         aborted = False
         for connection in list(self.inflight):
-            if connection.closed or connection.invalidated:
-                continue
-            if abort_driver_connection(connection.connection.dbapi_connection):
+            if hasattr(connection, "closed"):  # a SQLAlchemy Connection (a statement)
+                if connection.closed or connection.invalidated:
+                    continue
+                connection = connection.connection
+            # The pool's connection proxy (a COMMIT): no DBAPI connection once
+            # invalidated or returned.
+            driver = connection.dbapi_connection
+            if driver is not None and abort_driver_connection(driver):
                 aborted = True
         self.inflight = None
         return aborted
@@ -109,14 +115,6 @@ class AttemptState:
         else:
             self.commits.append(record)
         return record
-
-    def pending_commit(self, connection: object) -> CommitRecord | None:
-        if self.commits is None:
-            return None
-        for record in reversed(self.commits):
-            if record.connection is connection and record.status is CommitStatus.PENDING:
-                return record
-        return None
 
     def unsafe_commits(self) -> list[CommitRecord]:
         """Commits that may have taken effect (anything not definitively rejected)."""

@@ -2,105 +2,236 @@
 and timeouts are hard bounds.
 
 A decorated function is the unit of retry, and the decorator does not see the
-engine it uses. So resilient-db listens, at class level, to three cheap
-SQLAlchemy events (each fires once per transaction, never per statement):
+engine it uses. So resilient-db watches every SQLAlchemy dialect the process
+checks connections out from: the first checkout seen from an engine (a class-level
+pool ``checkout`` listener) wraps four methods of that engine's dialect instance,
+once — ``do_execute``, ``do_execute_no_params``, ``do_executemany`` (the DBAPI call
+of every statement) and ``do_commit`` (the DBAPI COMMIT) — and ``ResilientEngine``
+wraps its engine's dialect when it is built. Outside a guarded call a wrapper adds
+one context-variable lookup. Inside one:
 
-* ``commit`` fires just before COMMIT is sent: the running attempt records it;
-* ``handle_error`` with no statement on a connection whose COMMIT is pending is
-  the COMMIT's own failure: a definitive answer from the database (an
-  ErrorResponse, e.g. a serialization failure detected at commit) means it did not
-  commit; anything else (connection lost, cancelled) leaves it ambiguous;
-* ``begin``/``rollback`` on that connection afterwards prove the COMMIT returned.
+* a COMMIT is recorded by the running attempt before it is sent, and its outcome
+  when the call returns: it returned; the database answered it with an error (an
+  ErrorResponse, e.g. a serialization failure detected at commit: it did not
+  commit); or anything else (connection lost, cancelled, timed out) — ambiguous;
+* while an attempt has a time limit, the statement (or COMMIT) is registered as in
+  flight for the duration of the DBAPI call. When the attempt's time runs out,
+  those connections are aborted at the driver level (see ``_abort``) instead of
+  waiting for SQLAlchemy's graceful 2-second close;
+* an observed operation learns its database (and, for a single statement, its SQL)
+  from its first statement.
 
 The retry policy then refuses to retry an attempt during which a COMMIT was sent
 and not definitively rejected, unless the caller declared the unit idempotent —
 this also covers SQLAlchemy 2.1, where ``sessionmaker.begin()`` runs COMMIT to
 completion under a shield and re-raises the cancellation *after* it committed.
 
-Two more listeners fire per statement, and only do work inside an attempt that
-has a time limit (or, once per observed operation, to tell the instrumentation
-which database it talks to): ``before_cursor_execute`` registers the SQLAlchemy
-connection as busy for the attempt, ``after_cursor_execute`` unregisters it. When
-the attempt's time runs out, those connections are aborted at the driver level
-(see ``_abort``) instead of waiting for SQLAlchemy's graceful 2-second close. A
-connection closed since (``Connection.close()`` cuts its link to the pooled
-connection, which may belong to someone else by then) or invalidated is never
-aborted.
+Why not SQLAlchemy's connection events (``commit``, ``before_cursor_execute``...)?
+Any listener on them sets ``Engine._has_events``, and that flag alone puts every
+connection of every engine in the process on SQLAlchemy's event-dispatching path —
+a dispatcher joined per connection, its listener collections built again at each
+event point: about 890 bytecodes, 6-10 % of a ``connect``, ``SELECT 1``,
+``release`` unit on PostgreSQL (``python -m bench.bytecodes``), paid whether or not
+the unit is guarded. Pool and dialect events dispatch from objects that live as
+long as their pool or dialect: one ``handle_error`` listener stays (a dialect
+event):
 
 Inside a guarded call, a 25006 (read-only transaction) on a write is turned into a
 disconnect for SQLAlchemy, which then invalidates the whole pool: after a
 failover, the pool must stop handing out connections to the demoted primary.
-
-Outside a guarded call the listeners return at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Dialect, Engine, ExceptionContext
+from sqlalchemy.engine import Dialect, Engine, ExceptionContext
+from sqlalchemy.pool import Pool
 
 from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
-from ._scope import _SCOPE, CommitStatus
+from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
 
-__all__ = ["install_commit_tracking", "uninstall_commit_tracking"]
+__all__ = [
+    "inner_method",
+    "install_commit_tracking",
+    "replace_inner_method",
+    "track_dialect",
+    "uninstall_commit_tracking",
+]
 
 logger = logging.getLogger("resilient_db")
 
 _installed = False
 _lock = threading.Lock()
 
+_WRAPPED = "_resilient_db_wrapped"
+"""Key of a tracked dialect instance's ``_Wrapped`` in its ``__dict__``."""
 
-def _register(conn: Connection, attempt: Any) -> None:
+_tracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
+_track_lock = threading.Lock()
+
+
+def _register(connection: object, attempt: AttemptState) -> None:
     inflight = attempt.inflight
     if inflight is None:
-        attempt.inflight = {conn: None}
+        attempt.inflight = {connection: None}
     else:
-        inflight[conn] = None
+        inflight[connection] = None
 
 
-def _on_commit(conn: Connection) -> None:
-    scope = _SCOPE.get()
-    if scope is None or not scope.in_call:
-        return
-    scope.attempt.record_commit(conn)
-    if scope.attempt.timers:
-        _register(conn, scope.attempt)
+def _statement_started(scope: CallScope, context: Any, statement: str) -> object | None:
+    """What runs before a statement's DBAPI call inside a guarded call: the connection
+    registered as in flight (``None`` if none was)."""
+    connection: object | None = None if context is None else context.root_connection
+    op = (scope.root or scope).telemetry
+    if op is not None and op.wants_statement and connection is not None:
+        # An observed operation learns its database (and, for a single
+        # statement, its SQL) from its first statement.
+        op.note_statement(connection, statement)
+    if connection is None or not scope.attempt.timers:
+        return None
+    _register(connection, scope.attempt)
+    return connection
 
 
-def _on_before_execute(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    executemany: bool,
-) -> None:
-    scope = _SCOPE.get()
-    if scope is not None:
-        if scope.attempt.timers:
-            _register(conn, scope.attempt)
-        op = (scope.root or scope).telemetry
-        if op is not None and op.wants_statement:
-            # An observed operation learns its database (and, for a single
-            # statement, its SQL) from its first statement.
-            op.note_statement(conn, statement)
+def _wrap_statement(inner: dict[str, Any], name: str, context_at: int) -> Callable[..., Any]:
+    """``do_execute`` and its two siblings; ``context_at``: the position of their
+    ``context`` argument after ``cursor`` and ``statement``."""
+
+    def run_statement(cursor: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
+        scope = _SCOPE.get()
+        if scope is None:
+            return inner[name](cursor, statement, *args, **kwargs)
+        context = kwargs.get("context", args[context_at] if len(args) > context_at else None)
+        attempt = scope.attempt
+        connection = _statement_started(scope, context, statement)
+        try:
+            return inner[name](cursor, statement, *args, **kwargs)
+        finally:
+            if connection is not None:
+                attempt.unregister_inflight(connection)
+
+    return run_statement
 
 
-def _on_after_execute(
-    conn: Connection,
-    cursor: Any,
-    statement: str,
-    parameters: Any,
-    context: Any,
-    executemany: bool,
-) -> None:
-    scope = _SCOPE.get()
-    if scope is not None:
-        scope.attempt.unregister_inflight(conn)
+def _wrap_commit(inner: dict[str, Any]) -> Callable[[Any], None]:
+    def run_commit(dbapi_connection: Any) -> None:
+        scope = _SCOPE.get()
+        if scope is None or not scope.in_call:
+            inner["do_commit"](dbapi_connection)
+            return
+        attempt = scope.attempt
+        record = attempt.record_commit(dbapi_connection)
+        registered = bool(attempt.timers)
+        if registered:
+            _register(dbapi_connection, attempt)
+        try:
+            inner["do_commit"](dbapi_connection)
+        except BaseException as exc:
+            record.error = exc
+            if is_definitive_rejection(exc):
+                record.status = CommitStatus.REJECTED
+            else:
+                record.status = CommitStatus.AMBIGUOUS
+            raise
+        else:
+            record.status = CommitStatus.RETURNED
+        finally:
+            if registered:
+                attempt.unregister_inflight(dbapi_connection)
+
+    return run_commit
+
+
+class _Wrapped:
+    """A tracked dialect's wrappers, what each calls (``inner``, which the fault
+    injector may replace beneath the tracking) and the instance attributes they
+    shadowed."""
+
+    __slots__ = ("inner", "shadowed", "wrappers")
+
+    def __init__(self) -> None:
+        self.inner: dict[str, Any] = {}
+        self.shadowed: dict[str, Any] = {}
+        self.wrappers: dict[str, Any] = {}
+
+
+_METHODS: tuple[tuple[str, int | None], ...] = (
+    ("do_execute", 1),
+    ("do_execute_no_params", 0),
+    ("do_executemany", 1),
+    ("do_commit", None),
+)
+"""The wrapped methods, with the position of their ``context`` argument."""
+
+
+def track_dialect(dialect: Dialect) -> None:
+    """Wrap ``dialect``'s statement and COMMIT methods (once per dialect instance;
+    again for a method someone replaced since)."""
+    with _track_lock:
+        wrapped: _Wrapped | None = dialect.__dict__.get(_WRAPPED)
+        if wrapped is None:
+            wrapped = _Wrapped()
+        own = dialect.__dict__
+        for name, context_at in _METHODS:
+            if name in own and own[name] is wrapped.wrappers.get(name):
+                continue
+            if name in own and name not in wrapped.shadowed:
+                wrapped.shadowed[name] = own[name]
+            wrapped.inner[name] = getattr(dialect, name)
+            if context_at is None:
+                wrapper = _wrap_commit(wrapped.inner)
+            else:
+                wrapper = _wrap_statement(wrapped.inner, name, context_at)
+            wrapped.wrappers[name] = wrapper
+            setattr(dialect, name, wrapper)
+        own[_WRAPPED] = wrapped
+        _tracked.add(dialect)
+
+
+def inner_method(dialect: Dialect, name: str) -> Any:
+    """What the tracking wrapper of ``dialect.<name>`` calls (the dialect must be
+    tracked: :func:`track_dialect`)."""
+    wrapped: _Wrapped = dialect.__dict__[_WRAPPED]
+    return wrapped.inner[name]
+
+
+def replace_inner_method(dialect: Dialect, name: str, method: Any) -> bool:
+    """Make the tracking wrapper of ``dialect.<name>`` call ``method`` (the fault
+    injector's COMMIT, beneath the tracking so that the tracking sees its faults);
+    ``False`` if the dialect is no longer tracked."""
+    wrapped: _Wrapped | None = dialect.__dict__.get(_WRAPPED)
+    if wrapped is None:
+        return False
+    wrapped.inner[name] = method
+    return True
+
+
+def _untrack_all() -> None:
+    with _track_lock:
+        for dialect in list(_tracked):
+            wrapped: _Wrapped | None = dialect.__dict__.pop(_WRAPPED, None)
+            if wrapped is None:
+                continue
+            for name in wrapped.wrappers:
+                if name in wrapped.shadowed:
+                    setattr(dialect, name, wrapped.shadowed[name])
+                else:
+                    dialect.__dict__.pop(name, None)
+        _tracked.clear()
+
+
+def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    # The pool of an engine knows its dialect (create_engine sets it); a pool made
+    # without an engine has a placeholder that is not a Dialect.
+    dialect = getattr(getattr(proxy, "_pool", None), "_dialect", None)
+    if isinstance(dialect, Dialect) and _WRAPPED not in dialect.__dict__:
+        track_dialect(dialect)
 
 
 def _on_handle_error(context: ExceptionContext) -> None:
@@ -122,44 +253,18 @@ def _on_handle_error(context: ExceptionContext) -> None:
             code,
             extra={"resilient_db_event": "failover"},
         )
-    scope.attempt.unregister_inflight(context.connection)
-    if context.statement is not None:
-        return
-    record = scope.attempt.pending_commit(context.connection)
-    if record is None:
-        return
-    record.error = context.original_exception
-    if is_definitive_rejection(context.original_exception):
-        record.status = CommitStatus.REJECTED
-    else:
-        record.status = CommitStatus.AMBIGUOUS
-
-
-def _on_later_use(conn: Connection) -> None:
-    scope = _SCOPE.get()
-    if scope is None or not scope.in_call:
-        return
-    attempt = scope.attempt
-    if attempt.commits:
-        record = attempt.pending_commit(conn)
-        if record is not None:
-            record.status = CommitStatus.RETURNED
-    attempt.unregister_inflight(conn)
 
 
 _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
-    (Engine, "commit", _on_commit),
     (Engine, "handle_error", _on_handle_error),
-    (Engine, "begin", _on_later_use),
-    (Engine, "rollback", _on_later_use),
-    (Engine, "before_cursor_execute", _on_before_execute),
-    (Engine, "after_cursor_execute", _on_after_execute),
+    (Pool, "checkout", _on_checkout),
 )
 
 
 _FLAGGED: tuple[type[Any], ...] = (Engine, Dialect)
 """The classes whose ``_has_events`` flag a class-level listener sets: ``Engine``
-(the connection events) and ``Dialect`` (``handle_error``)."""
+(connection events: none of ours, but others' would keep it set) and ``Dialect``
+(``handle_error``)."""
 
 _flags_before: dict[type[Any], bool] = {}
 
@@ -190,13 +295,14 @@ def install_commit_tracking() -> None:
 
 
 def uninstall_commit_tracking() -> None:
-    """Remove the listeners (benchmarks use it for a truly raw baseline).
+    """Remove the listeners and unwrap the dialects (benchmarks use it for a truly
+    raw baseline).
 
-    Removing a listener does not clear the class flag that listening set, and with
-    ``Engine._has_events`` set every connection of every engine takes SQLAlchemy's
-    event-dispatching path (a joined dispatcher per connection, looked up at each
-    event point) even with no listener left: the flags go back to what they were
-    before :func:`install_commit_tracking` when no class-level listener remains.
+    Removing a listener does not clear the class flag that listening set (with
+    ``Engine._has_events`` set, every connection takes SQLAlchemy's
+    event-dispatching path even with no listener left): the flags go back to what
+    they were before :func:`install_commit_tracking` when no class-level listener
+    remains.
     """
     global _installed
     with _lock:
@@ -204,6 +310,7 @@ def uninstall_commit_tracking() -> None:
             return
         for target, name, fn in _LISTENERS:
             event.remove(target, name, fn)
+        _untrack_all()
         for cls in _FLAGGED:
             if not _flags_before.get(cls, True) and not _class_listeners_left(cls):
                 cls._has_events = False

@@ -113,6 +113,7 @@ from sqlalchemy.engine import Connection, Dialect, Engine, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import _validate as v
+from .._sqla import inner_method, replace_inner_method, track_dialect
 from ._drivers import AiosqliteOps, AsyncpgOps, DriverOps, await_, ops_for
 
 __all__ = [
@@ -631,7 +632,6 @@ class FaultInjector:
         # about to send; the do_execute hooks carry it out.
         self._planned: weakref.WeakKeyDictionary[Connection, _Plan] = weakref.WeakKeyDictionary()
         self._original_do_commit: Callable[[Any], None] | None = None
-        self._shadowed_do_commit: Callable[[Any], None] | None = None
         self._attached = False
         for strategy in strategies:
             self.add(strategy)
@@ -764,12 +764,14 @@ class FaultInjector:
             for name, listener in self._listeners():
                 event.listen(self._sync_engine, name, listener)
             dialect = self._dialect
-            self._original_do_commit = dialect.do_commit
-            self._shadowed_do_commit = vars(dialect).get("do_commit")
             # The commit event fires outside SQLAlchemy's error handling, so faults
-            # at COMMIT replace this engine's own dialect.do_commit (an instance
-            # attribute: other engines are untouched; detach() puts it back).
-            setattr(dialect, "do_commit", self._do_commit)  # noqa: B010
+            # at COMMIT replace this engine's own COMMIT: beneath resilient-db's
+            # COMMIT tracking (which wraps the dialect instance's do_commit), so
+            # that the tracking sees the faults as it would see the driver's errors.
+            # Other engines are untouched; detach() puts it back.
+            track_dialect(dialect)
+            self._original_do_commit = inner_method(dialect, "do_commit")
+            replace_inner_method(dialect, "do_commit", self._do_commit)
             _attached[self._sync_engine] = self
             self._attached = True
         return self
@@ -781,12 +783,12 @@ class FaultInjector:
                 return
             for name, listener in self._listeners():
                 event.remove(self._sync_engine, name, listener)
-            if vars(self._dialect).get("do_commit") == self._do_commit:
-                if self._shadowed_do_commit is None:
-                    delattr(self._dialect, "do_commit")
-                else:
-                    setattr(self._dialect, "do_commit", self._shadowed_do_commit)  # noqa: B010
-            self._original_do_commit = self._shadowed_do_commit = None
+            if (
+                self._original_do_commit is not None
+                and _tracked_inner(self._dialect) == self._do_commit
+            ):
+                replace_inner_method(self._dialect, "do_commit", self._original_do_commit)
+            self._original_do_commit = None
             del _attached[self._sync_engine]
             self._attached = False
             self._planned.clear()
@@ -950,7 +952,7 @@ class FaultInjector:
     def _do_commit(self, dbapi_connection: Any) -> None:
         original = self._original_do_commit
         if original is None:  # detached by another thread after the lookup
-            self._dialect.do_commit(dbapi_connection)
+            (_tracked_inner(self._dialect) or self._dialect.do_commit)(dbapi_connection)
             return
         operation, delays, fault = self._plan(Target.COMMIT, "COMMIT")
         self._delay(delays, operation)
@@ -998,3 +1000,11 @@ class FaultInjector:
             raise error
 
         cparams["async_creator_fn"] = failing_connect
+
+
+def _tracked_inner(dialect: Dialect) -> Any:
+    """The COMMIT beneath resilient-db's tracking of ``dialect`` (``None`` if untracked)."""
+    try:
+        return inner_method(dialect, "do_commit")
+    except KeyError:
+        return None
