@@ -9,8 +9,9 @@ client's CPU time:
 * ``raw`` — resilient-db's process-wide SQLAlchemy listeners removed;
 * ``raw, listeners installed`` — what those listeners cost an unguarded unit;
 * ``@resilient`` — ``@resilient(timeout=2, retries=3)``: one guarded operation;
-* ``ResilientEngine`` — ``ResilientEngine(engine, timeout=2, retries=3)``: two
-  guarded operations per unit (the checkout and the statement);
+* ``ResilientEngine`` — ``ResilientEngine(engine, timeout=2, retries=3)``: one
+  guarded operation per unit (the statement; a checkout from a warm pool runs
+  outside the policy);
 * the same engine wrapper without one piece at a time: no ``timeout`` (no attempt
   timer), ``breaker=False``, ``retry_budget=None``; and with none of them and
   ``retries=0`` (the bare scope: what guarding costs before any policy acts).
