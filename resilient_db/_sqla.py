@@ -33,10 +33,8 @@ a dispatcher joined per connection, its listener collections built again at each
 event point: about 890 bytecodes, 6-10 % of a ``connect``, ``SELECT 1``,
 ``release`` unit on PostgreSQL (``python -m bench.bytecodes``), paid whether or not
 the unit is guarded. Pool and dialect events dispatch from objects that live as
-long as their pool or dialect: one ``handle_error`` listener stays (a dialect
-event):
-
-Inside a guarded call, a 25006 (read-only transaction) on a write is turned into a
+long as their pool or dialect, so the ``handle_error`` listener stays (a dialect
+event): inside a guarded call, a 25006 (read-only transaction) on a write is turned into a
 disconnect for SQLAlchemy, which then invalidates the whole pool: after a
 failover, the pool must stop handing out connections to the demoted primary.
 """
@@ -195,21 +193,19 @@ def track_dialect(dialect: Dialect) -> None:
 
 
 def inner_method(dialect: Dialect, name: str) -> Any:
-    """What the tracking wrapper of ``dialect.<name>`` calls (the dialect must be
-    tracked: :func:`track_dialect`)."""
-    wrapped: _Wrapped = dialect.__dict__[_WRAPPED]
-    return wrapped.inner[name]
+    """What the tracking wrapper of ``dialect.<name>`` calls (``None`` if the dialect
+    is not tracked: :func:`track_dialect`)."""
+    wrapped: _Wrapped | None = dialect.__dict__.get(_WRAPPED)
+    return None if wrapped is None else wrapped.inner[name]
 
 
-def replace_inner_method(dialect: Dialect, name: str, method: Any) -> bool:
+def replace_inner_method(dialect: Dialect, name: str, method: Any) -> None:
     """Make the tracking wrapper of ``dialect.<name>`` call ``method`` (the fault
     injector's COMMIT, beneath the tracking so that the tracking sees its faults);
-    ``False`` if the dialect is no longer tracked."""
+    nothing if the dialect is no longer tracked."""
     wrapped: _Wrapped | None = dialect.__dict__.get(_WRAPPED)
-    if wrapped is None:
-        return False
-    wrapped.inner[name] = method
-    return True
+    if wrapped is not None:
+        wrapped.inner[name] = method
 
 
 def _untrack_all() -> None:
@@ -261,12 +257,9 @@ _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
 )
 
 
-_FLAGGED: tuple[type[Any], ...] = (Engine, Dialect)
-"""The classes whose ``_has_events`` flag a class-level listener sets: ``Engine``
-(connection events: none of ours, but others' would keep it set) and ``Dialect``
-(``handle_error``)."""
-
-_flags_before: dict[type[Any], bool] = {}
+_dialect_flag_before = True
+"""``Dialect._has_events`` before our ``handle_error`` listener set it (the only
+event flag we set: we listen to no connection event)."""
 
 
 def _class_listeners_left(cls: type[Any]) -> bool:
@@ -283,12 +276,11 @@ def _class_listeners_left(cls: type[Any]) -> bool:
 
 def install_commit_tracking() -> None:
     """Install the class-level listeners once per process (idempotent, thread-safe)."""
-    global _installed
+    global _installed, _dialect_flag_before
     with _lock:
         if _installed:
             return
-        for cls in _FLAGGED:
-            _flags_before[cls] = bool(getattr(cls, "_has_events", False))
+        _dialect_flag_before = bool(Dialect._has_events)
         for target, name, fn in _LISTENERS:
             event.listen(target, name, fn)
         _installed = True
@@ -298,11 +290,10 @@ def uninstall_commit_tracking() -> None:
     """Remove the listeners and unwrap the dialects (benchmarks use it for a truly
     raw baseline).
 
-    Removing a listener does not clear the class flag that listening set (with
-    ``Engine._has_events`` set, every connection takes SQLAlchemy's
-    event-dispatching path even with no listener left): the flags go back to what
-    they were before :func:`install_commit_tracking` when no class-level listener
-    remains.
+    Removing a listener does not clear the class flag that listening set (a set
+    ``_has_events`` keeps SQLAlchemy on its event-dispatching path with no listener
+    left): ``Dialect._has_events`` goes back to what it was before
+    :func:`install_commit_tracking` when no class-level listener remains.
     """
     global _installed
     with _lock:
@@ -311,7 +302,6 @@ def uninstall_commit_tracking() -> None:
         for target, name, fn in _LISTENERS:
             event.remove(target, name, fn)
         _untrack_all()
-        for cls in _FLAGGED:
-            if not _flags_before.get(cls, True) and not _class_listeners_left(cls):
-                cls._has_events = False
+        if not _dialect_flag_before and not _class_listeners_left(Dialect):
+            Dialect._has_events = False
         _installed = False

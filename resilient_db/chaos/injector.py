@@ -785,7 +785,7 @@ class FaultInjector:
                 event.remove(self._sync_engine, name, listener)
             if (
                 self._original_do_commit is not None
-                and _tracked_inner(self._dialect) == self._do_commit
+                and inner_method(self._dialect, "do_commit") == self._do_commit
             ):
                 replace_inner_method(self._dialect, "do_commit", self._original_do_commit)
             self._original_do_commit = None
@@ -952,7 +952,7 @@ class FaultInjector:
     def _do_commit(self, dbapi_connection: Any) -> None:
         original = self._original_do_commit
         if original is None:  # detached by another thread after the lookup
-            (_tracked_inner(self._dialect) or self._dialect.do_commit)(dbapi_connection)
+            (inner_method(self._dialect, "do_commit") or self._dialect.do_commit)(dbapi_connection)
             return
         operation, delays, fault = self._plan(Target.COMMIT, "COMMIT")
         self._delay(delays, operation)
@@ -1000,11 +1000,3 @@ class FaultInjector:
             raise error
 
         cparams["async_creator_fn"] = failing_connect
-
-
-def _tracked_inner(dialect: Dialect) -> Any:
-    """The COMMIT beneath resilient-db's tracking of ``dialect`` (``None`` if untracked)."""
-    try:
-        return inner_method(dialect, "do_commit")
-    except KeyError:
-        return None
