@@ -3,12 +3,14 @@ and timeouts are hard bounds.
 
 A decorated function is the unit of retry, and the decorator does not see the
 engine it uses. So resilient-db watches every SQLAlchemy dialect the process
-checks connections out from: the first checkout seen from an engine (a class-level
-pool ``checkout`` listener) wraps four methods of that engine's dialect instance,
-once — ``do_execute``, ``do_execute_no_params``, ``do_executemany`` (the DBAPI call
-of every statement) and ``do_commit`` (the DBAPI COMMIT) — and ``ResilientEngine``
-wraps its engine's dialect when it is built. Outside a guarded call a wrapper adds
-one context-variable lookup. Inside one:
+connects with. It wraps four methods of a dialect instance, once —
+``do_execute``, ``do_execute_no_params``, ``do_executemany`` (the DBAPI call of
+every statement) and ``do_commit`` (the DBAPI COMMIT) — for the engines that exist
+when the listeners are installed (found through the garbage collector, once), for
+every engine whose pool opens a connection later (a class-level pool ``connect``
+listener: it runs once per new DBAPI connection, never on a checkout), and for the
+engine a ``ResilientEngine`` wraps, when it is built. Outside a guarded call a
+wrapper adds one context-variable lookup. Inside one:
 
 * a COMMIT is recorded by the running attempt before it is sent, and its outcome
   when the call returns: it returned; the database answered it with an error (an
@@ -41,6 +43,7 @@ failover, the pool must stop handing out connections to the demoted primary.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import weakref
@@ -52,7 +55,7 @@ from sqlalchemy.engine import Dialect, Engine, ExceptionContext
 from sqlalchemy.pool import Pool
 
 from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
-from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
+from ._scope import _SCOPE, AttemptState, CommitStatus
 
 __all__ = [
     "inner_method",
@@ -71,6 +74,11 @@ _WRAPPED = "_resilient_db_wrapped"
 """Key of a tracked dialect instance's ``_Wrapped`` in its ``__dict__``."""
 
 _tracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
+_untracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
+"""Dialects unwrapped by :func:`uninstall_commit_tracking`, wrapped again when the
+tracking is installed again (without searching the whole process a second time)."""
+_searched = False
+"""Whether :func:`_track_existing` has searched the process once."""
 _track_lock = threading.Lock()
 
 
@@ -82,37 +90,34 @@ def _register(connection: object, attempt: AttemptState) -> None:
         inflight[connection] = None
 
 
-def _statement_started(scope: CallScope, context: Any, statement: str) -> object | None:
-    """What runs before a statement's DBAPI call inside a guarded call: the connection
-    registered as in flight (``None`` if none was)."""
-    connection: object | None = None if context is None else context.root_connection
-    op = (scope.root or scope).telemetry
-    if op is not None and op.wants_statement and connection is not None:
-        # An observed operation learns its database (and, for a single
-        # statement, its SQL) from its first statement.
-        op.note_statement(connection, statement)
-    if connection is None or not scope.attempt.timers:
-        return None
-    _register(connection, scope.attempt)
-    return connection
-
-
 def _wrap_statement(inner: dict[str, Any], name: str, context_at: int) -> Callable[..., Any]:
     """``do_execute`` and its two siblings; ``context_at``: the position of their
-    ``context`` argument after ``cursor`` and ``statement``."""
+    ``context`` argument after ``cursor`` and ``statement`` (SQLAlchemy passes it
+    positionally)."""
 
     def run_statement(cursor: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
         scope = _SCOPE.get()
         if scope is None:
             return inner[name](cursor, statement, *args, **kwargs)
-        context = kwargs.get("context", args[context_at] if len(args) > context_at else None)
+        context = args[context_at] if len(args) > context_at else kwargs.get("context")
+        connection = None if context is None else context.root_connection
+        if connection is None:
+            return inner[name](cursor, statement, *args, **kwargs)
+        op = (scope.root or scope).telemetry
+        if op is not None and op.wants_statement:
+            # An observed operation learns its database (and, for a single
+            # statement, its SQL) from its first statement.
+            op.note_statement(connection, statement)
         attempt = scope.attempt
-        connection = _statement_started(scope, context, statement)
+        if not attempt.timers:
+            return inner[name](cursor, statement, *args, **kwargs)
+        # In flight for the duration of the DBAPI call: the attempt's timer aborts
+        # it at the driver level when the time runs out (see `_abort`).
+        _register(connection, attempt)
         try:
             return inner[name](cursor, statement, *args, **kwargs)
         finally:
-            if connection is not None:
-                attempt.unregister_inflight(connection)
+            attempt.unregister_inflight(connection)
 
     return run_statement
 
@@ -219,15 +224,37 @@ def _untrack_all() -> None:
                     setattr(dialect, name, wrapped.shadowed[name])
                 else:
                     dialect.__dict__.pop(name, None)
+            _untracked.add(dialect)
         _tracked.clear()
 
 
-def _on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    # The pool of an engine knows its dialect (create_engine sets it); a pool made
-    # without an engine has a placeholder that is not a Dialect.
-    dialect = getattr(getattr(proxy, "_pool", None), "_dialect", None)
+def _on_connect(dbapi_connection: Any, record: Any) -> None:
+    # A new DBAPI connection (rare: a pool reuses them). Its pool, if made by an
+    # engine, knows the engine's dialect; a pool made without an engine has a
+    # placeholder that is not a Dialect. The record names its pool privately only.
+    pool = getattr(record, "_ConnectionRecord__pool", None)
+    dialect = getattr(pool, "_dialect", None)
     if isinstance(dialect, Dialect) and _WRAPPED not in dialect.__dict__:
         track_dialect(dialect)
+
+
+def _track_existing() -> None:
+    """Track the dialects of engines made before the listeners were installed: their
+    pools may hold connections already, and a pool reuses them for as long as they
+    live. Python keeps no list of engines, so the first installation asks the
+    garbage collector for every object (a few milliseconds, once); a later one (after
+    :func:`uninstall_commit_tracking`, which the benchmarks toggle) wraps again the
+    dialects that uninstalling unwrapped."""
+    global _searched
+    if _searched:
+        found: list[Any] = list(_untracked)
+    else:
+        found = [obj for obj in gc.get_objects() if isinstance(obj, Dialect)]
+        _searched = True
+    _untracked.clear()
+    for dialect in found:
+        if _WRAPPED not in dialect.__dict__:
+            track_dialect(dialect)
 
 
 def _on_handle_error(context: ExceptionContext) -> None:
@@ -253,7 +280,7 @@ def _on_handle_error(context: ExceptionContext) -> None:
 
 _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
     (Engine, "handle_error", _on_handle_error),
-    (Pool, "checkout", _on_checkout),
+    (Pool, "connect", _on_connect),
 )
 
 
@@ -283,6 +310,7 @@ def install_commit_tracking() -> None:
         _dialect_flag_before = bool(Dialect._has_events)
         for target, name, fn in _LISTENERS:
             event.listen(target, name, fn)
+        _track_existing()
         _installed = True
 
 

@@ -47,3 +47,90 @@ def test_removing_the_hooks_clears_the_event_flags_they_set() -> None:
         """
     )
     assert out.split() == ["True", "False", "False"], out
+
+
+def test_a_checkout_from_a_warm_pool_runs_no_listener_of_ours() -> None:
+    # A pool with a `checkout` listener takes SQLAlchemy's slow checkout path (and
+    # calls the listener) on every checkout, guarded or not: resilient-db learns of
+    # an engine from its pool's first new connection instead.
+    out = _flags_in_a_fresh_interpreter(
+        """
+        import asyncio
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from resilient_db._sqla import inner_method
+
+        install_commit_tracking()
+        engine = create_async_engine("sqlite+aiosqlite://")
+
+        async def main():
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            await engine.dispose()
+
+        dialect = engine.sync_engine.dialect
+        print(bool(engine.sync_engine.pool.dispatch.checkout))
+        print(inner_method(dialect, "do_commit") is not None)
+        asyncio.run(main())
+        print(inner_method(dialect, "do_commit") is not None)
+        """
+    )
+    assert out.split() == ["False", "False", "True"], out
+
+
+def test_engines_connected_before_the_hooks_are_installed_are_tracked() -> None:
+    # A pool keeps the connections it made before resilient-db was installed, and
+    # would never make a new one: installing finds such engines itself.
+    out = _flags_in_a_fresh_interpreter(
+        """
+        import asyncio
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import AsyncAdaptedQueuePool
+        from resilient_db._sqla import inner_method
+
+        engine = create_async_engine("sqlite+aiosqlite://", poolclass=AsyncAdaptedQueuePool)
+
+        async def main():
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            dialect = engine.sync_engine.dialect
+            tracked = inner_method(dialect, "do_commit") is not None
+            print(engine.sync_engine.pool.checkedin(), tracked)
+            install_commit_tracking()
+            print(inner_method(dialect, "do_commit") is not None)
+            await engine.dispose()
+
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["1", "False", "True"], out
+
+
+def test_installing_again_wraps_what_uninstalling_unwrapped() -> None:
+    # The benchmarks toggle the hooks per round for a raw baseline; the engines they
+    # made meanwhile keep their pooled connections, so reinstalling must track them.
+    out = _flags_in_a_fresh_interpreter(
+        """
+        import asyncio
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from resilient_db._sqla import inner_method
+
+        install_commit_tracking()
+        engine = create_async_engine("sqlite+aiosqlite://")
+
+        async def connect():
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        asyncio.run(connect())
+        dialect = engine.sync_engine.dialect
+        print(inner_method(dialect, "do_commit") is not None)
+        uninstall_commit_tracking()
+        print(inner_method(dialect, "do_commit") is not None, "do_commit" in vars(dialect))
+        install_commit_tracking()
+        print(inner_method(dialect, "do_commit") is not None)
+        """
+    )
+    assert out.split() == ["True", "False", "False", "True"], out
