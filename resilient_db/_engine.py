@@ -509,15 +509,18 @@ class ResilientEngine:
         *args: Any,
         **kwargs: Any,
     ) -> T:
-        task = asyncio.current_task()
-        busy = owner._busy
-        if busy is not None and busy is not task:
+        if owner._busy:
+            # No guarded operation calls another on the same owner (SQLAlchemy's
+            # `scalars` and `stream_scalars` call `execute` and `stream` after
+            # nothing of ours): busy means a second task is in. A flag, not the task:
+            # `asyncio.current_task()` is a Python function before 3.12, and this
+            # runs for every statement.
             raise ConcurrentSessionUse(
                 f"this {type(owner).__name__} is already running an operation in another "
                 "task; a connection runs one statement at a time: share the engine "
                 "(or the sessionmaker), not the session"
             )
-        owner._busy = task
+        owner._busy = True
         try:
             if owner._server_timeouts_pending and not _sets_transaction(statement):
                 owner._server_timeouts_pending = False
@@ -527,15 +530,19 @@ class ResilientEngine:
                 # Inside a unit of work: the unit's attempt timer bounds the statement
                 # and the unit retries as a whole.
                 return await fn(*args, **kwargs)
-            fresh = not _in_transaction(owner)
-            if fresh:
-                owner._statement_timeout_sent = False  # a transaction of its own
-            if fresh and owner._is_session and self.pool_bulkhead:
+            if _in_transaction(owner):
+                return await self._once._invoke(  # type: ignore[no-any-return]
+                    fn, args, kwargs, fn, self._target, statement
+                )
+            # The statement opens a transaction of its own.
+            if owner._statement_timeout_sent:
+                owner._statement_timeout_sent = False
+            if owner._is_session and self.pool_bulkhead:
                 self._check_pool_capacity()  # this statement will check a connection out
             if read_only is None:
+                read_only = is_read_only(statement, options)
+            if read_only:
                 # Only a statement that opens its transaction may be retried alone.
-                read_only = fresh and is_read_only(statement, options)
-            if read_only and fresh:
                 return await self._read._invoke(  # type: ignore[no-any-return]
                     _Alone(owner, fn), args, kwargs, fn, self._target, statement
                 )
@@ -548,7 +555,7 @@ class ResilientEngine:
                 raise translated from exc
             raise
         finally:
-            owner._busy = busy
+            owner._busy = False
 
     def _translate(
         self, exc: BaseException, owner: GuardedConnection | GuardedSession
@@ -944,22 +951,25 @@ class GuardedConnection(AsyncConnection):
 
     _db: ClassVar[ResilientEngine]
     _is_session: ClassVar[bool] = False
-    _busy: asyncio.Task[Any] | None = None
+    _busy: bool = False
     _server_timeouts_pending: bool = False
     _statement_timeout_sent: bool = False
     """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
 
     if not TYPE_CHECKING:
 
-        async def start(self, is_ctxmanager: bool = False) -> AsyncConnection:
+        def start(self, is_ctxmanager: bool = False) -> Awaitable[AsyncConnection]:
+            # A plain function returning the coroutine to await: one coroutine layer
+            # less for every checkout (`_check_pool_capacity` raises at the call
+            # instead of at the await, inside the same `await conn.start()`).
             db = self._db
             scope = _SCOPE.get()
             if scope is not None and scope.in_call:
-                return await AsyncConnection.start(self, is_ctxmanager)
+                return AsyncConnection.start(self, is_ctxmanager)
             if db.pool_bulkhead:
                 db._check_pool_capacity()
             # Guarded only if it has to wait: a warm pool answers from memory.
-            return await db._checkout._invoke_if_waiting(
+            return db._checkout._invoke_if_waiting(
                 AsyncConnection.start,
                 (self, is_ctxmanager),
                 "connect",
@@ -1133,7 +1143,7 @@ class GuardedSession(AsyncSession):
 
     _db: ClassVar[ResilientEngine]
     _is_session: ClassVar[bool] = True
-    _busy: asyncio.Task[Any] | None = None
+    _busy: bool = False
     _server_timeouts_pending: bool = False
     _statement_timeout_sent: bool = False
     """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
