@@ -75,8 +75,9 @@ _WRAPPED = "_resilient_db_wrapped"
 
 _tracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
 _untracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
-"""Dialects unwrapped by :func:`uninstall_commit_tracking`, wrapped again when the
-tracking is installed again (without searching the whole process a second time)."""
+"""Dialects unwrapped by :func:`uninstall_commit_tracking`, or first connected while
+it was uninstalled: wrapped when the tracking is installed again (without searching
+the whole process a second time)."""
 _searched = False
 """Whether :func:`_track_existing` has searched the process once."""
 _track_lock = threading.Lock()
@@ -235,7 +236,12 @@ def _on_connect(dbapi_connection: Any, record: Any) -> None:
     pool = getattr(record, "_ConnectionRecord__pool", None)
     dialect = getattr(pool, "_dialect", None)
     if isinstance(dialect, Dialect) and _WRAPPED not in dialect.__dict__:
-        track_dialect(dialect)
+        if _installed:
+            track_dialect(dialect)
+        else:
+            # Uninstalled (the benchmarks' raw rounds): the engine must stay raw
+            # now and be tracked when the tracking is installed again.
+            _untracked.add(dialect)
 
 
 def _track_existing() -> None:
@@ -243,8 +249,8 @@ def _track_existing() -> None:
     pools may hold connections already, and a pool reuses them for as long as they
     live. Python keeps no list of engines, so the first installation asks the
     garbage collector for every object (a few milliseconds, once); a later one (after
-    :func:`uninstall_commit_tracking`, which the benchmarks toggle) wraps again the
-    dialects that uninstalling unwrapped."""
+    :func:`uninstall_commit_tracking`, which the benchmarks toggle) wraps the
+    dialects that uninstalling unwrapped or that connected meanwhile."""
     global _searched
     if _searched:
         found: list[Any] = list(_untracked)
@@ -278,10 +284,12 @@ def _on_handle_error(context: ExceptionContext) -> None:
         )
 
 
-_LISTENERS: tuple[tuple[type[Any], str, Any], ...] = (
-    (Engine, "handle_error", _on_handle_error),
-    (Pool, "connect", _on_connect),
-)
+_LISTENERS: tuple[tuple[type[Any], str, Any], ...] = ((Engine, "handle_error", _on_handle_error),)
+"""Removed by :func:`uninstall_commit_tracking`. The pool ``connect`` listener stays
+once installed (it runs only for new DBAPI connections, and while uninstalled it
+only remembers the engines to track)."""
+
+_connect_listener = False
 
 
 _dialect_flag_before = True
@@ -303,15 +311,18 @@ def _class_listeners_left(cls: type[Any]) -> bool:
 
 def install_commit_tracking() -> None:
     """Install the class-level listeners once per process (idempotent, thread-safe)."""
-    global _installed, _dialect_flag_before
+    global _installed, _dialect_flag_before, _connect_listener
     with _lock:
         if _installed:
             return
         _dialect_flag_before = bool(Dialect._has_events)
         for target, name, fn in _LISTENERS:
             event.listen(target, name, fn)
-        _track_existing()
+        if not _connect_listener:
+            event.listen(Pool, "connect", _on_connect)
+            _connect_listener = True
         _installed = True
+        _track_existing()
 
 
 def uninstall_commit_tracking() -> None:

@@ -134,3 +134,32 @@ def test_installing_again_wraps_what_uninstalling_unwrapped() -> None:
         """
     )
     assert out.split() == ["True", "False", "False", "True"], out
+
+
+def test_an_engine_that_connects_while_uninstalled_is_tracked_on_reinstall() -> None:
+    # The benchmarks' raw rounds uninstall the tracking; an engine that opens its
+    # pooled connection then must be tracked once the tracking is back, or its
+    # timeouts wait out SQLAlchemy's graceful close (no in-flight registration).
+    out = _flags_in_a_fresh_interpreter(
+        """
+        import asyncio
+        from sqlalchemy import text
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from resilient_db._sqla import inner_method
+
+        install_commit_tracking()
+        uninstall_commit_tracking()
+        engine = create_async_engine("sqlite+aiosqlite://")
+
+        async def connect():
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        asyncio.run(connect())
+        dialect = engine.sync_engine.dialect
+        print(inner_method(dialect, "do_commit") is not None)
+        install_commit_tracking()
+        print(inner_method(dialect, "do_commit") is not None)
+        """
+    )
+    assert out.split() == ["False", "True"], out
