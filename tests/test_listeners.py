@@ -11,8 +11,24 @@ def _flags_in_a_fresh_interpreter(steps: str) -> str:
     # A fresh interpreter: no other class-level listener, nothing installed yet.
     script = textwrap.dedent(
         """
+        import asyncio
+
+        from sqlalchemy import text
         from sqlalchemy.engine import Dialect, Engine
-        from resilient_db._sqla import install_commit_tracking, uninstall_commit_tracking
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        from resilient_db._sqla import (
+            inner_method,
+            install_commit_tracking,
+            uninstall_commit_tracking,
+        )
+
+        async def use(engine):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        def tracked(engine):
+            return inner_method(engine.sync_engine.dialect, "do_commit") is not None
 
         """
     ) + textwrap.dedent(steps)
@@ -55,24 +71,17 @@ def test_a_checkout_from_a_warm_pool_runs_no_listener_of_ours() -> None:
     # an engine from its pool's first new connection instead.
     out = _flags_in_a_fresh_interpreter(
         """
-        import asyncio
-        from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
-        from resilient_db._sqla import inner_method
-
         install_commit_tracking()
         engine = create_async_engine("sqlite+aiosqlite://")
 
         async def main():
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            await use(engine)
             await engine.dispose()
 
-        dialect = engine.sync_engine.dialect
         print(bool(engine.sync_engine.pool.dispatch.checkout))
-        print(inner_method(dialect, "do_commit") is not None)
+        print(tracked(engine))
         asyncio.run(main())
-        print(inner_method(dialect, "do_commit") is not None)
+        print(tracked(engine))
         """
     )
     assert out.split() == ["False", "False", "True"], out
@@ -83,22 +92,15 @@ def test_engines_connected_before_the_hooks_are_installed_are_tracked() -> None:
     # would never make a new one: installing finds such engines itself.
     out = _flags_in_a_fresh_interpreter(
         """
-        import asyncio
-        from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
         from sqlalchemy.pool import AsyncAdaptedQueuePool
-        from resilient_db._sqla import inner_method
 
         engine = create_async_engine("sqlite+aiosqlite://", poolclass=AsyncAdaptedQueuePool)
 
         async def main():
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            dialect = engine.sync_engine.dialect
-            tracked = inner_method(dialect, "do_commit") is not None
-            print(engine.sync_engine.pool.checkedin(), tracked)
+            await use(engine)
+            print(engine.sync_engine.pool.checkedin(), tracked(engine))
             install_commit_tracking()
-            print(inner_method(dialect, "do_commit") is not None)
+            print(tracked(engine))
             await engine.dispose()
 
         asyncio.run(main())
@@ -112,25 +114,14 @@ def test_installing_again_wraps_what_uninstalling_unwrapped() -> None:
     # made meanwhile keep their pooled connections, so reinstalling must track them.
     out = _flags_in_a_fresh_interpreter(
         """
-        import asyncio
-        from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
-        from resilient_db._sqla import inner_method
-
         install_commit_tracking()
         engine = create_async_engine("sqlite+aiosqlite://")
-
-        async def connect():
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-
-        asyncio.run(connect())
-        dialect = engine.sync_engine.dialect
-        print(inner_method(dialect, "do_commit") is not None)
+        asyncio.run(use(engine))
+        print(tracked(engine))
         uninstall_commit_tracking()
-        print(inner_method(dialect, "do_commit") is not None, "do_commit" in vars(dialect))
+        print(tracked(engine), "do_commit" in vars(engine.sync_engine.dialect))
         install_commit_tracking()
-        print(inner_method(dialect, "do_commit") is not None)
+        print(tracked(engine))
         """
     )
     assert out.split() == ["True", "False", "False", "True"], out
@@ -142,24 +133,13 @@ def test_an_engine_that_connects_while_uninstalled_is_tracked_on_reinstall() -> 
     # timeouts wait out SQLAlchemy's graceful close (no in-flight registration).
     out = _flags_in_a_fresh_interpreter(
         """
-        import asyncio
-        from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
-        from resilient_db._sqla import inner_method
-
         install_commit_tracking()
         uninstall_commit_tracking()
         engine = create_async_engine("sqlite+aiosqlite://")
-
-        async def connect():
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-
-        asyncio.run(connect())
-        dialect = engine.sync_engine.dialect
-        print(inner_method(dialect, "do_commit") is not None)
+        asyncio.run(use(engine))
+        print(tracked(engine))
         install_commit_tracking()
-        print(inner_method(dialect, "do_commit") is not None)
+        print(tracked(engine))
         """
     )
     assert out.split() == ["False", "True"], out
