@@ -289,8 +289,6 @@ _LISTENERS: tuple[tuple[type[Any], str, Any], ...] = ((Engine, "handle_error", _
 once installed (it runs only for new DBAPI connections, and while uninstalled it
 only remembers the engines to track)."""
 
-_connect_listener = False
-
 
 _dialect_flag_before = True
 """``Dialect._has_events`` before our ``handle_error`` listener set it (the only
@@ -311,16 +309,15 @@ def _class_listeners_left(cls: type[Any]) -> bool:
 
 def install_commit_tracking() -> None:
     """Install the class-level listeners once per process (idempotent, thread-safe)."""
-    global _installed, _dialect_flag_before, _connect_listener
+    global _installed, _dialect_flag_before
     with _lock:
         if _installed:
             return
         _dialect_flag_before = bool(Dialect._has_events)
         for target, name, fn in _LISTENERS:
             event.listen(target, name, fn)
-        if not _connect_listener:
+        if not _searched:  # the first installation (see _LISTENERS)
             event.listen(Pool, "connect", _on_connect)
-            _connect_listener = True
         _installed = True
         _track_existing()
 
