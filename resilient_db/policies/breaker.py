@@ -166,9 +166,13 @@ class CircuitBreaker:
         "_b_calls",
         "_b_failures",
         "_b_slow",
+        "_bucket_ends",
         "_bucket_width",
         "_clock",
         "_consecutive",
+        "_cur_calls",
+        "_cur_failures",
+        "_cur_slow",
         "_forced",
         "_generation",
         "_last_epoch",
@@ -310,24 +314,23 @@ class CircuitBreaker:
         if state is BreakerState.CLOSED:
             if outcome is BreakerOutcome.IGNORED:
                 return
+            # The current bucket's counts live in plain attributes: a success in a
+            # closed breaker (every healthy call) is a clock read, a comparison and
+            # two stores (see _advance).
             now = self._clock()
-            epoch = int(now // self._bucket_width)
-            if epoch > self._last_epoch:
+            if now >= self._bucket_ends:
                 self._advance(now)
-            slot = epoch % _BUCKETS
-            self._b_calls[slot] += 1
-            self._total_calls += 1
+            self._cur_calls += 1
             if outcome is BreakerOutcome.FAILURE:
-                self._b_failures[slot] += 1
-                self._total_failures += 1
+                self._cur_failures += 1
                 self._consecutive += 1
                 self._check_trip(now)
-            else:
-                self._consecutive = 0
-                if self.slow_call_duration is not None and duration >= self.slow_call_duration:
-                    self._b_slow[slot] += 1
-                    self._total_slow += 1
-                    self._check_trip(now)
+                return
+            self._consecutive = 0
+            slow = self.slow_call_duration
+            if slow is not None and duration >= slow:
+                self._cur_slow += 1
+                self._check_trip(now)
             return
         if state is BreakerState.HALF_OPEN:
             self._probes -= 1
@@ -367,7 +370,9 @@ class CircuitBreaker:
         now = self._clock()
         if self._state is BreakerState.CLOSED:
             self._advance(now)
-        calls = self._total_calls
+        calls = self._total_calls + self._cur_calls
+        failures = self._total_failures + self._cur_failures
+        slow = self._total_slow + self._cur_slow
         state = self.state
         retry_after: float | None = None
         if state is BreakerState.OPEN and not self._forced:
@@ -378,10 +383,10 @@ class CircuitBreaker:
             forced=self._forced,
             consecutive_failures=self._consecutive,
             window_calls=calls,
-            window_failures=self._total_failures,
-            window_slow_calls=self._total_slow,
-            failure_rate=self._total_failures / calls if calls else 0.0,
-            slow_call_rate=self._total_slow / calls if calls else 0.0,
+            window_failures=failures,
+            window_slow_calls=slow,
+            failure_rate=failures / calls if calls else 0.0,
+            slow_call_rate=slow / calls if calls else 0.0,
             probes_in_flight=self._probes if self._state is BreakerState.HALF_OPEN else 0,
             retry_after=retry_after,
         )
@@ -410,17 +415,38 @@ class CircuitBreaker:
         self._b_calls = [0] * _BUCKETS
         self._b_failures = [0] * _BUCKETS
         self._b_slow = [0] * _BUCKETS
-        self._last_epoch = int(self._clock() // self._bucket_width)
         self._total_calls = 0
         self._total_failures = 0
         self._total_slow = 0
+        self._cur_calls = 0
+        self._cur_failures = 0
+        self._cur_slow = 0
+        epoch = int(self._clock() // self._bucket_width)
+        self._last_epoch = epoch
+        self._bucket_ends = (epoch + 1) * self._bucket_width
 
     def _advance(self, now: float) -> None:
-        """Expire buckets that fell out of the window since the last call."""
-        epoch = int(now // self._bucket_width)
+        """Move the window to ``now``'s bucket.
+
+        The window is ``_BUCKETS`` buckets of ``window / _BUCKETS`` seconds. The
+        current bucket (``_last_epoch``) counts in ``_cur_*``; the earlier ones
+        still in the window are in the ``_b_*`` rings (slot = epoch % _BUCKETS),
+        summed in ``_total_*``. Moving on folds the current bucket into its slot
+        and empties the slots of the buckets skipped, the new one's included (it
+        counts in ``_cur_*`` until it ends)."""
+        width = self._bucket_width
+        epoch = int(now // width)
         last = self._last_epoch
         if epoch <= last:
-            return
+            return  # the same bucket (or `now` passed _bucket_ends by a rounding hair)
+        slot = last % _BUCKETS
+        self._b_calls[slot] = self._cur_calls
+        self._b_failures[slot] = self._cur_failures
+        self._b_slow[slot] = self._cur_slow
+        self._total_calls += self._cur_calls
+        self._total_failures += self._cur_failures
+        self._total_slow += self._cur_slow
+        self._cur_calls = self._cur_failures = self._cur_slow = 0
         for step in range(last + 1, min(epoch, last + _BUCKETS) + 1):
             slot = step % _BUCKETS
             self._total_calls -= self._b_calls[slot]
@@ -430,25 +456,25 @@ class CircuitBreaker:
             self._b_failures[slot] = 0
             self._b_slow[slot] = 0
         self._last_epoch = epoch
+        self._bucket_ends = (epoch + 1) * width
 
     def _check_trip(self, now: float) -> None:
         if self.failure_threshold is not None and self._consecutive >= self.failure_threshold:
             self._open(f"{self._consecutive} consecutive failures", now)
             return
-        calls = self._total_calls
+        calls = self._total_calls + self._cur_calls
         if calls < self.minimum_calls:
             return
+        failures = self._total_failures + self._cur_failures
         if (
             self.failure_rate_threshold is not None
-            and self._total_failures / calls >= self.failure_rate_threshold
+            and failures / calls >= self.failure_rate_threshold
         ):
-            self._open(f"failure rate {self._total_failures}/{calls} over {self.window:g}s", now)
+            self._open(f"failure rate {failures}/{calls} over {self.window:g}s", now)
             return
-        if (
-            self.slow_call_duration is not None
-            and self._total_slow / calls >= self.slow_call_rate_threshold
-        ):
-            self._open(f"slow-call rate {self._total_slow}/{calls} over {self.window:g}s", now)
+        slow = self._total_slow + self._cur_slow
+        if self.slow_call_duration is not None and slow / calls >= self.slow_call_rate_threshold:
+            self._open(f"slow-call rate {slow}/{calls} over {self.window:g}s", now)
 
     def _open(self, reason: str, now: float) -> None:
         self._opened_at = now
