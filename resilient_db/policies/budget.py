@@ -46,6 +46,7 @@ class RetryBudget:
         "_floor",
         "_floor_at",
         "_floor_cap",
+        "_synced",
         "_tokens",
         "deposits",
         "max_tokens",
@@ -70,6 +71,8 @@ class RetryBudget:
             raise TypeError(f"clock must be a callable returning seconds; got {clock!r}")
         self._clock = clock
         self._tokens = 0.0
+        self._synced = 0
+        """``deposits`` already added into ``_tokens`` (see :meth:`_banked`)."""
         # The floor's bucket holds one second's worth, and at least one token: with
         # min_per_second below 1 it must still fill up to a whole retry.
         self._floor_cap = max(1.0, self.min_per_second) if self.min_per_second > 0 else 0.0
@@ -81,13 +84,23 @@ class RetryBudget:
 
     def deposit(self) -> None:
         """Record a first attempt."""
+        # Every first attempt deposits: only count it here. Adding n deposits at
+        # once, capped, is what adding them one at a time, capped each time, gives
+        # (all are positive), so the tokens are brought up to date when read.
         self.deposits += 1
-        tokens = self._tokens + self.ratio
-        self._tokens = tokens if tokens < self.max_tokens else self.max_tokens
+
+    def _banked(self) -> float:
+        """The banked tokens, with the deposits made since the last look."""
+        pending = self.deposits - self._synced
+        if pending:
+            self._synced = self.deposits
+            tokens = self._tokens + pending * self.ratio
+            self._tokens = tokens if tokens < self.max_tokens else self.max_tokens
+        return self._tokens
 
     def try_withdraw(self) -> bool:
         """Take one token for a retry; ``False`` when the budget is spent."""
-        if self._tokens >= 1.0:
+        if self._banked() >= 1.0:
             self._tokens -= 1.0
             self.withdrawals += 1
             return True
@@ -108,7 +121,7 @@ class RetryBudget:
         """Tokens available now (banked plus floor), for telemetry."""
         now = self._clock()
         floor = min(self._floor_cap, self._floor + (now - self._floor_at) * self.min_per_second)
-        return self._tokens + floor
+        return self._banked() + floor
 
     def __repr__(self) -> str:
         return (
