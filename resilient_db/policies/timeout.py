@@ -22,12 +22,13 @@ import contextlib
 import contextvars
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from .. import _validate as v
 from .._errors import AttemptTimeout, DeadlineExceeded, TimeoutExceeded
@@ -44,6 +45,22 @@ caller gets its timeout error is ``limit + ABORT_GRACE``."""
 
 
 _monotonic: Final = time.monotonic
+
+
+def _current_task_311() -> asyncio.Task[Any] | None:
+    # What asyncio.current_task() does, without its Python frame (it is implemented
+    # in C from 3.12 on): this runs for every attempt with a time limit.
+    return _RUNNING_TASKS.get(asyncio.get_running_loop())
+
+
+_RUNNING_TASKS: Final[dict[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = getattr(
+    asyncio.tasks, "_current_tasks", {}
+)
+_current_task: Final[Callable[[], asyncio.Task[Any] | None]] = (
+    asyncio.current_task
+    if sys.version_info >= (3, 12) or not hasattr(asyncio.tasks, "_current_tasks")
+    else _current_task_311
+)
 
 _TIMER_CONTEXT: Final = contextvars.Context()
 """The timer's callbacks need no context variables. Without an explicit context,
@@ -145,7 +162,7 @@ class AttemptTimer:
     __slots__ = ("_attempt", "_base", "_grace", "_live", "_task", "due", "fired")
 
     def __init__(self, attempt: AttemptState, limit: float):
-        task = asyncio.current_task()
+        task = _current_task()
         assert task is not None, "a guarded call runs in a task"
         self._task = task
         self._base = task.cancelling()
@@ -202,13 +219,21 @@ class AttemptTimer:
     def settle(self, exc: BaseException | None) -> bool:
         """Disarm, withdraw our cancellation request, and say whether the attempt
         ended because of this timer (``exc`` is what ended it, if anything)."""
-        self.disarm()
+        if self._live:
+            self._live = False
+            _WATCHDOG.armed.discard(self)
+        attempt = self._attempt
+        if attempt.expired_by is None:
+            # No timer of this attempt expired: none fired, no grace is pending.
+            return False
+        if self._grace is not None:
+            self._grace.cancel()
         ours = True
         if self.fired:
             # Withdraw our cancellation request in every case, or the task stays
             # marked as cancelling.
             ours = self._task.uncancel() <= self._base
-        if self._attempt.expired_by is not self:
+        if attempt.expired_by is not self:
             return False
         if isinstance(exc, asyncio.CancelledError):
             # Only a cancellation we requested is ours. Before it is requested (the
