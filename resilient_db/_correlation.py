@@ -24,7 +24,7 @@ from typing import Final
 
 from opentelemetry import trace
 
-from ._scope import _SCOPE
+from ._scope import _get_scope
 
 __all__ = ["correlation_context", "current_correlation_id"]
 
@@ -57,7 +57,7 @@ def _lookup(generate: bool) -> str | None:
     value = _CORRELATION_ID.get()
     if value is not None:
         return value
-    scope = _SCOPE.get()
+    scope = _get_scope()
     if scope is not None and scope.in_call:
         root = scope.top()
         value = root.correlation_id

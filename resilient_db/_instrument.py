@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias
 from ._classify import _EXIT_EXCEPTIONS, find_sqlite_code, find_sqlstate
 from ._correlation import current_correlation_id
 from ._errors import CircuitOpenError, CommitOutcomeUnknown
-from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
+from ._scope import AttemptState, CallScope, CommitStatus, _get_scope
 from .policies.breaker import (
     BreakerState,
     BreakerTransition,
@@ -775,7 +775,7 @@ def commit_outcome_unknown(
 
 
 def _on_breaker_transition(transition: BreakerTransition) -> None:
-    _emit(_current_operation(_SCOPE.get()), transition)
+    _emit(_current_operation(_get_scope()), transition)
 
 
 _add_transition_observer(_on_breaker_transition)

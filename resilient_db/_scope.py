@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from ._errors import CommitOutcomeUnknown
@@ -51,24 +51,33 @@ class CommitRecord:
     """PostgreSQL transaction id, when the engine wrapper captured it."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class AttemptState:
     """What one attempt did, filled in by lower layers while it runs."""
 
-    commits: list[CommitRecord] | None = None
-    replacement: CommitOutcomeUnknown | None = None
+    commits: list[CommitRecord] | None
+    replacement: CommitOutcomeUnknown | None
     """The error the caller gets instead of the attempt's own (``CommitOutcomeUnknown``)."""
-    inflight: dict[Any, None] | None = None
+    inflight: dict[Any, None] | None
     """Connections with a statement (SQLAlchemy ``Connection``) or a COMMIT (the
     pool's connection proxy) in flight for this attempt, registered for the duration
     of the DBAPI call by the dialect wrappers in ``_sqla`` (see ``_abort``)."""
-    expired_by: object = None
+    expired_by: object
     """The timer whose time ran out (set just before it aborts the I/O in flight)."""
-    deadline_at: float | None = None
+    deadline_at: float | None
     """When the nearest armed timer runs out (policy clock), for server-side timeouts."""
-    timers: list[Any] | None = None
+    timers: list[Any] | None
     """The armed ``AttemptTimer``s, nested calls' included (see :meth:`disarm`); empty
     or ``None`` when no timer watches the attempt."""
+
+    def __init__(self) -> None:
+        # Written out (not generated): one is made for every attempt.
+        self.commits = None
+        self.replacement = None
+        self.inflight = None
+        self.expired_by = None
+        self.deadline_at = None
+        self.timers = None
 
     def disarm(self) -> None:
         """Stop the armed timers from cancelling the task (used while a COMMIT's
@@ -123,7 +132,7 @@ class AttemptState:
         return [r for r in self.commits if r.status is not CommitStatus.REJECTED]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class CallScope:
     """The context of one guarded call (or of a bare :func:`deadline` block)."""
 
@@ -131,18 +140,39 @@ class CallScope:
     deadline_at: float | None
     in_call: bool
     """True inside a guarded call: nested guarded calls must not retry on their own."""
-    attempt: AttemptState = field(default_factory=AttemptState)
-    attempt_number: int = 1
-    guards: tuple[object, ...] = ()
+    attempt: AttemptState
+    attempt_number: int
+    guards: tuple[object, ...]
     """Breakers and bulkheads already applied by enclosing calls (applied once only)."""
-    root: CallScope | None = None
+    root: CallScope | None
     """The scope of the outermost guarded call, for the scopes nested in it (``None``
     for that scope itself): what belongs to the whole call lives there."""
-    telemetry: Any = None
+    telemetry: Any
     """The call's observed operation (``_instrument._Operation``), on the root scope,
     when instrumentation is on."""
-    correlation_id: str | None = None
+    correlation_id: str | None
     """The correlation ID generated for the call (root scope only), when none was set."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        deadline_at: float | None,
+        in_call: bool,
+        attempt: AttemptState | None = None,
+        attempt_number: int = 1,
+        guards: tuple[object, ...] = (),
+        root: CallScope | None = None,
+    ) -> None:
+        # Written out (not generated): one is made for every guarded call.
+        self.clock = clock
+        self.deadline_at = deadline_at
+        self.in_call = in_call
+        self.attempt = AttemptState() if attempt is None else attempt
+        self.attempt_number = attempt_number
+        self.guards = guards
+        self.root = root
+        self.telemetry = None
+        self.correlation_id = None
 
     def top(self) -> CallScope:
         """The root scope of the call (this one, when it is the root)."""
@@ -166,7 +196,14 @@ class CallScope:
 
 _SCOPE: ContextVar[CallScope | None] = ContextVar("resilient_db_scope", default=None)
 
+# The variable's methods, bound once: every guarded statement reads the scope, and
+# on Python 3.11 an attribute of a ContextVar is looked up anew at each use (the
+# interpreter never specializes it), whereas a module global is one cached load.
+_get_scope: Final = _SCOPE.get
+_set_scope: Final = _SCOPE.set
+_reset_scope: Final = _SCOPE.reset
+
 
 def current_scope() -> CallScope | None:
     """The scope of the guarded call running in this context, if any."""
-    return _SCOPE.get()
+    return _get_scope()
