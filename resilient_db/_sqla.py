@@ -55,7 +55,7 @@ from sqlalchemy.engine import Dialect, Engine, ExceptionContext
 from sqlalchemy.pool import Pool
 
 from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
-from ._scope import _SCOPE, AttemptState, CommitStatus
+from ._scope import AttemptState, CommitStatus, _get_scope
 
 __all__ = [
     "inner_method",
@@ -91,19 +91,16 @@ def _register(connection: object, attempt: AttemptState) -> None:
         inflight[connection] = None
 
 
-def _wrap_statement(inner: dict[str, Any], name: str, context_at: int) -> Callable[..., Any]:
-    """``do_execute`` and its two siblings; ``context_at``: the position of their
-    ``context`` argument after ``cursor`` and ``statement`` (SQLAlchemy passes it
-    positionally)."""
+def _wrap_statement(inner: dict[str, Any], name: str) -> Callable[..., Any]:
+    """``do_execute`` and ``do_executemany``: ``(cursor, statement, parameters,
+    context=None)``, as SQLAlchemy's dialects define them (named parameters, not
+    ``*args``: this runs for every statement of every engine in the process)."""
 
-    def run_statement(cursor: Any, statement: str, *args: Any, **kwargs: Any) -> Any:
-        scope = _SCOPE.get()
-        if scope is None:
-            return inner[name](cursor, statement, *args, **kwargs)
-        context = args[context_at] if len(args) > context_at else kwargs.get("context")
-        connection = None if context is None else context.root_connection
-        if connection is None:
-            return inner[name](cursor, statement, *args, **kwargs)
+    def run_statement(cursor: Any, statement: str, parameters: Any, context: Any = None) -> Any:
+        scope = _get_scope()
+        if scope is None or context is None:
+            return inner[name](cursor, statement, parameters, context)
+        connection = context.root_connection
         op = (scope.root or scope).telemetry
         if op is not None and op.wants_statement:
             # An observed operation learns its database (and, for a single
@@ -111,23 +108,46 @@ def _wrap_statement(inner: dict[str, Any], name: str, context_at: int) -> Callab
             op.note_statement(connection, statement)
         attempt = scope.attempt
         if not attempt.timers:
-            return inner[name](cursor, statement, *args, **kwargs)
+            return inner[name](cursor, statement, parameters, context)
         # In flight for the duration of the DBAPI call: the attempt's timer aborts
-        # it at the driver level when the time runs out (see `_abort`).
-        _register(connection, attempt)
+        # it at the driver level when the time runs out (see `_abort`). Written out,
+        # not called: this runs for every guarded statement.
+        inflight = attempt.inflight
+        if inflight is None:
+            attempt.inflight = {connection: None}
+        else:
+            inflight[connection] = None
         try:
-            return inner[name](cursor, statement, *args, **kwargs)
+            return inner[name](cursor, statement, parameters, context)
         finally:
-            attempt.unregister_inflight(connection)
+            inflight = attempt.inflight  # None once aborted
+            if inflight:
+                inflight.pop(connection, None)
 
     return run_statement
 
 
-def _wrap_commit(inner: dict[str, Any]) -> Callable[[Any], None]:
+def _wrap_no_params(inner: dict[str, Any], name: str) -> Callable[..., Any]:
+    """``do_execute_no_params``, ``(cursor, statement, context=None)``: the statement
+    wrapper around an adapter that drops the parameters (and still calls whatever
+    ``inner`` holds at the time)."""
+
+    def call(cursor: Any, statement: str, parameters: Any, context: Any) -> Any:
+        return inner[name](cursor, statement, context)
+
+    wrapped = _wrap_statement({name: call}, name)
+
+    def run_statement(cursor: Any, statement: str, context: Any = None) -> Any:
+        return wrapped(cursor, statement, None, context)
+
+    return run_statement
+
+
+def _wrap_commit(inner: dict[str, Any], name: str = "do_commit") -> Callable[[Any], None]:
     def run_commit(dbapi_connection: Any) -> None:
-        scope = _SCOPE.get()
+        scope = _get_scope()
         if scope is None or not scope.in_call:
-            inner["do_commit"](dbapi_connection)
+            inner[name](dbapi_connection)
             return
         attempt = scope.attempt
         record = attempt.record_commit(dbapi_connection)
@@ -135,7 +155,7 @@ def _wrap_commit(inner: dict[str, Any]) -> Callable[[Any], None]:
         if registered:
             _register(dbapi_connection, attempt)
         try:
-            inner["do_commit"](dbapi_connection)
+            inner[name](dbapi_connection)
         except BaseException as exc:
             record.error = exc
             if is_definitive_rejection(exc):
@@ -165,13 +185,13 @@ class _Wrapped:
         self.wrappers: dict[str, Any] = {}
 
 
-_METHODS: tuple[tuple[str, int | None], ...] = (
-    ("do_execute", 1),
-    ("do_execute_no_params", 0),
-    ("do_executemany", 1),
-    ("do_commit", None),
+_METHODS: tuple[tuple[str, Callable[[dict[str, Any], str], Callable[..., Any]]], ...] = (
+    ("do_execute", _wrap_statement),
+    ("do_execute_no_params", _wrap_no_params),
+    ("do_executemany", _wrap_statement),
+    ("do_commit", _wrap_commit),
 )
-"""The wrapped methods, with the position of their ``context`` argument."""
+"""The wrapped methods, with what wraps each."""
 
 
 def track_dialect(dialect: Dialect) -> None:
@@ -182,16 +202,13 @@ def track_dialect(dialect: Dialect) -> None:
         if wrapped is None:
             wrapped = _Wrapped()
         own = dialect.__dict__
-        for name, context_at in _METHODS:
+        for name, wrap in _METHODS:
             if name in own and own[name] is wrapped.wrappers.get(name):
                 continue
             if name in own and name not in wrapped.shadowed:
                 wrapped.shadowed[name] = own[name]
             wrapped.inner[name] = getattr(dialect, name)
-            if context_at is None:
-                wrapper = _wrap_commit(wrapped.inner)
-            else:
-                wrapper = _wrap_statement(wrapped.inner, name, context_at)
+            wrapper = wrap(wrapped.inner, name)
             wrapped.wrappers[name] = wrapper
             setattr(dialect, name, wrapper)
         own[_WRAPPED] = wrapped
@@ -264,7 +281,7 @@ def _track_existing() -> None:
 
 
 def _on_handle_error(context: ExceptionContext) -> None:
-    scope = _SCOPE.get()
+    scope = _get_scope()
     if scope is None or not scope.in_call:
         return
     code = None if context.is_disconnect else find_sqlstate(context.original_exception)
