@@ -37,9 +37,10 @@ from . import _validate as v
 from ._classify import _EXIT_EXCEPTIONS, Classification, Classifier, ErrorCategory, resolve
 from ._errors import CircuitOpenError, CommitOutcomeUnknown
 from ._instrument import _NO_STATEMENT, _STATE, DatabaseTarget, _Operation, describe
-from ._scope import _SCOPE, AttemptState, CallScope, CommitStatus
+from ._scope import AttemptState, CallScope, CommitStatus, _get_scope, _reset_scope, _set_scope
 from ._sqla import install_commit_tracking
 from .policies.breaker import (
+    _CLOSED,
     BreakerOutcome,
     BreakerProtocol,
     BreakerState,
@@ -417,13 +418,13 @@ class Policy:
         """
         if _STATE.recheck_at <= _monotonic():
             _instrument.refresh_instrumentation()
-        scope = _SCOPE.get()
+        scope = _get_scope()
         breaker = self._breaker
         if (
             self._unguarded_start
             and not _STATE.active
             and (scope is None or (not scope.in_call and scope.deadline_at is None))
-            and (breaker is None or breaker._state is BreakerState.CLOSED)  # type: ignore[attr-defined]
+            and (breaker is None or breaker._state is _CLOSED)  # type: ignore[attr-defined]
         ):
             coro = start(*args)
             try:
@@ -448,10 +449,14 @@ class Policy:
         label: Any = None,
         target: DatabaseTarget | None = None,
         statement: Any = _NO_STATEMENT,
+        again: Callable[..., Awaitable[Any]] | None = None,
     ) -> Any:
         """Run ``fn`` under the policy. ``label``, ``target`` and ``statement`` only
-        describe the operation to instrumentation (the engine wrapper passes them)."""
-        outer = _SCOPE.get()
+        describe the operation to instrumentation (the engine wrapper passes them).
+        ``again``: what the attempts after the first call instead, as
+        ``again(fn, *args, **kwargs)`` (the engine's statements retried alone roll
+        back what the failed attempt left first)."""
+        outer = _get_scope()
         if outer is not None and outer.in_call:
             return await self._invoke_nested(outer, fn, args, kwargs)
         clock = self._clock
@@ -465,7 +470,7 @@ class Policy:
             if deadline_at is None or start + remaining < deadline_at:
                 deadline_at = start + remaining
         scope = CallScope(clock, deadline_at, True, AttemptState(), 1, self._guards)
-        token = _SCOPE.set(scope)
+        token = _set_scope(scope)
         if _STATE.recheck_at <= _monotonic():
             _instrument.refresh_instrumentation()
         if label is None:
@@ -500,6 +505,8 @@ class Policy:
                 if op is not None:
                     op.ended(scope, None)
                 return result
+            if again is not None:
+                fn = functools.partial(again, fn)
             result = await self._retry_after(scope, failure, reason, fn, args, kwargs, start, name)
             if op is not None:
                 op.ended(scope, None)
@@ -509,7 +516,7 @@ class Policy:
                 op.ended(scope, exc)
             raise
         finally:
-            _SCOPE.reset(token)
+            _reset_scope(token)
             scope.end()
 
     async def _observed_attempt(
@@ -580,27 +587,14 @@ class Policy:
                 # I/O in flight (so the driver fails fast instead of SQLAlchemy waiting
                 # on a graceful close), and cancel the task only if nothing was in
                 # flight or the driver did not give up within ABORT_GRACE.
-                attempt = scope.attempt
-                timer = AttemptTimer(attempt, limit)
-                outer_deadline = attempt.deadline_at
-                ends = start + limit
-                if outer_deadline is None or ends < outer_deadline:
-                    attempt.deadline_at = ends
-                if attempt.timers is None:
-                    attempt.timers = [timer]
-                else:
-                    attempt.timers.append(timer)
+                timer = AttemptTimer(scope.attempt, limit, start)
                 try:
                     result = await fn(*args, **kwargs)
                 except BaseException as exc:
                     if timer.settle(exc):
                         raise timeouts.expired(limit, by_deadline, scope.attempt_number) from exc
                     raise
-                else:
-                    timer.settle(None)
-                finally:
-                    attempt.deadline_at = outer_deadline
-                    attempt.timers.remove(timer)
+                timer.settle(None)
         except BaseException as exc:
             if breaker is not None:
                 outcome = BreakerOutcome.IGNORED  # should the classifier itself fail
@@ -647,11 +641,11 @@ class Policy:
             (*outer.guards, breaker, bulkhead),
             outer.top(),
         )
-        token = _SCOPE.set(scope)
+        token = _set_scope(scope)
         try:
             return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
         finally:
-            _SCOPE.reset(token)
+            _reset_scope(token)
             scope.end()
 
     def _should_retry(self, scope: CallScope, exc: BaseException) -> tuple[bool, str]:

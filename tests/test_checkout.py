@@ -33,8 +33,8 @@ def timers(monkeypatch: pytest.MonkeyPatch) -> list[AttemptTimer]:
     class Counted(AttemptTimer):
         __slots__ = ()
 
-        def __init__(self, attempt: Any, limit: float) -> None:
-            super().__init__(attempt, limit)
+        def __init__(self, attempt: Any, limit: float, start: float | None = None) -> None:
+            super().__init__(attempt, limit, start)
             armed.append(self)
 
     monkeypatch.setattr(policy_module, "AttemptTimer", Counted)

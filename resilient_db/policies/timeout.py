@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from .. import _validate as v
 from .._errors import AttemptTimeout, DeadlineExceeded, TimeoutExceeded
-from .._scope import _SCOPE, AttemptState, CallScope
+from .._scope import AttemptState, CallScope, _get_scope, _reset_scope, _set_scope
 
 __all__ = ["ABORT_GRACE", "AttemptTimer", "TimeoutPolicy", "deadline", "remaining_time"]
 
@@ -47,20 +47,13 @@ caller gets its timeout error is ``limit + ABORT_GRACE``."""
 _monotonic: Final = time.monotonic
 
 
-def _current_task_311() -> asyncio.Task[Any] | None:
-    # What asyncio.current_task() does, without its Python frame (it is implemented
-    # in C from 3.12 on): this runs for every attempt with a time limit.
-    return _RUNNING_TASKS.get(asyncio.get_running_loop())
-
-
-_RUNNING_TASKS: Final[dict[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = getattr(
-    asyncio.tasks, "_current_tasks", {}
+_RUNNING_TASKS: Final[dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None] = (
+    getattr(asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
 )
-_current_task: Final[Callable[[], asyncio.Task[Any] | None]] = (
-    asyncio.current_task
-    if sys.version_info >= (3, 12) or not hasattr(asyncio.tasks, "_current_tasks")
-    else _current_task_311
-)
+"""Python 3.11: the running task of each loop, which ``asyncio.current_task()`` reads
+from a Python frame (it is implemented in C from 3.12 on); every attempt with a
+time limit asks for it."""
+_get_running_loop: Final = asyncio.get_running_loop
 
 _TIMER_CONTEXT: Final = contextvars.Context()
 """The timer's callbacks need no context variables. Without an explicit context,
@@ -159,10 +152,15 @@ class AttemptTimer:
     is propagated untouched.
     """
 
-    __slots__ = ("_attempt", "_base", "_grace", "_live", "_task", "due", "fired")
+    __slots__ = ("_attempt", "_base", "_grace", "_live", "_outer_deadline", "_task", "due", "fired")
 
-    def __init__(self, attempt: AttemptState, limit: float):
-        task = _current_task()
+    def __init__(self, attempt: AttemptState, limit: float, start: float | None = None):
+        """Arm a timer of ``limit`` seconds for ``attempt``, and register it there
+        until :meth:`settle`: in ``attempt.timers``, and in ``attempt.deadline_at``
+        as ``start + limit`` (``start``: on the policy's clock; ``None``: leave the
+        deadline alone) if nothing armed earlier ends sooner."""
+        tasks = _RUNNING_TASKS
+        task = asyncio.current_task() if tasks is None else tasks.get(_get_running_loop())
         assert task is not None, "a guarded call runs in a task"
         self._task = task
         self._base = task.cancelling()
@@ -177,6 +175,14 @@ class AttemptTimer:
         watchdog.armed.add(self)
         if due < watchdog.wake_at:
             watchdog.wake(due)
+        self._outer_deadline = outer = attempt.deadline_at
+        if start is not None and (outer is None or start + limit < outer):
+            attempt.deadline_at = start + limit
+        timers = attempt.timers
+        if timers is None:
+            attempt.timers = [self]
+        else:
+            timers.append(self)
 
     def expire_threadsafe(self) -> None:
         """Called by the timer thread when the time is up."""
@@ -217,12 +223,17 @@ class AttemptTimer:
             self._grace.cancel()
 
     def settle(self, exc: BaseException | None) -> bool:
-        """Disarm, withdraw our cancellation request, and say whether the attempt
-        ended because of this timer (``exc`` is what ended it, if anything)."""
+        """Disarm, unregister from the attempt, withdraw our cancellation request,
+        and say whether the attempt ended because of this timer (``exc`` is what
+        ended it, if anything). Call it once."""
         if self._live:
             self._live = False
             _WATCHDOG.armed.discard(self)
         attempt = self._attempt
+        attempt.deadline_at = self._outer_deadline
+        timers = attempt.timers
+        if timers is not None:
+            timers.remove(self)
         if attempt.expired_by is None:
             # No timer of this attempt expired: none fired, no grace is pending.
             return False
@@ -286,7 +297,7 @@ class TimeoutPolicy:
 
 def remaining_time() -> float | None:
     """Seconds left before the current deadline, or ``None`` when there is none."""
-    scope = _SCOPE.get()
+    scope = _get_scope()
     if scope is None:
         return None
     return scope.remaining()
@@ -302,7 +313,7 @@ async def deadline(
     interrupt code that is not guarded (wrap that in ``asyncio.timeout``).
     """
     budget = v.required_seconds("seconds", seconds)
-    outer = _SCOPE.get()
+    outer = _get_scope()
     deadline_at = clock() + budget
     if outer is not None and outer.deadline_at is not None:
         deadline_at = min(deadline_at, outer.deadline_at)
@@ -318,9 +329,9 @@ async def deadline(
         )
     else:
         scope = CallScope(clock, deadline_at, in_call=False)
-    token = _SCOPE.set(scope)
+    token = _set_scope(scope)
     try:
         yield
     finally:
-        _SCOPE.reset(token)
+        _reset_scope(token)
         scope.end()
