@@ -58,7 +58,7 @@ from ._correlation import current_correlation_id
 from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
 from ._instrument import _STATE, DatabaseTarget, PoolCheckout, _Operation
 from ._policy import DEFAULT, Policy, _Default
-from ._scope import _SCOPE, CallScope, CommitRecord, CommitStatus
+from ._scope import CallScope, CommitRecord, CommitStatus, _get_scope, _reset_scope, _set_scope
 from ._sqla import track_dialect
 from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
@@ -92,25 +92,34 @@ _WRITES_SQL = re.compile(
 
 def is_read_only(statement: Any, execution_options: Mapping[str, Any] | None = None) -> bool:
     """Whether a statement may be retried on its own (read-only, or declared idempotent)."""
+    # What the statement is first (reads are the common case), its options second.
+    # Exact types before isinstance: a TextClause is no Select, but asking costs a
+    # walk up its long MRO.
+    kind = type(statement)
+    if kind is Select or (kind is not TextClause and isinstance(statement, Select)):
+        if statement._for_update_arg is None:
+            return True
+    else:
+        sql = (
+            statement.text if kind is TextClause or isinstance(statement, TextClause) else statement
+        )
+        if isinstance(sql, str):
+            verdict = _READ_ONLY_TEXTS.get(sql)
+            if verdict is None:
+                verdict = _judge_text(sql)
+            if verdict:
+                return True
     if execution_options and execution_options.get("idempotent") is True:
         return True
     options = getattr(statement, "_execution_options", None)
-    if options and options.get("idempotent") is True:
-        return True
-    if isinstance(statement, Select):
-        return statement._for_update_arg is None
-    if isinstance(statement, TextClause):
-        sql = statement.text
-    elif isinstance(statement, str):
-        sql = statement
-    else:
-        return False
-    verdict = _READ_ONLY_TEXTS.get(sql)
-    if verdict is None:
-        verdict = bool(_READ_ONLY_SQL.match(sql)) and not _WRITES_SQL.search(sql)
-        if len(_READ_ONLY_TEXTS) >= _READ_ONLY_TEXTS_MAX:
-            _READ_ONLY_TEXTS.clear()
-        _READ_ONLY_TEXTS[sql] = verdict
+    return options is not None and options.get("idempotent") is True
+
+
+def _judge_text(sql: str) -> bool:
+    verdict = bool(_READ_ONLY_SQL.match(sql)) and not _WRITES_SQL.search(sql)
+    if len(_READ_ONLY_TEXTS) >= _READ_ONLY_TEXTS_MAX:
+        _READ_ONLY_TEXTS.clear()
+    _READ_ONLY_TEXTS[sql] = verdict
     return verdict
 
 
@@ -357,6 +366,9 @@ class ResilientEngine:
         Checking out is guarded too (timeout, breaker counts connect failures,
         retried: connecting is idempotent).
         """
+        last = self._last  # engine_for_loop()'s first look, written out
+        if last is not None and last.loop is asyncio.get_running_loop():
+            return self._connection_class(last.engine)
         return self._connection_class(self.engine_for_loop())
 
     @asynccontextmanager
@@ -449,7 +461,7 @@ class ResilientEngine:
         async with self.connect() as conn:
             result = await conn.stream(statement, parameters, execution_options=execution_options)
             limit = self._current_limit()
-            scope = _SCOPE.get()
+            scope = _get_scope()
             by_deadline = scope is not None and scope.deadline_at is not None
             deadline = self._unit._timeouts.deadline
             if scope is None and deadline is not None:
@@ -506,8 +518,8 @@ class ResilientEngine:
         read_only: bool | None,
         options: Mapping[str, Any] | None,
         fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        **kwargs: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> T:
         if owner._busy:
             # No guarded operation calls another on the same owner (SQLAlchemy's
@@ -525,7 +537,7 @@ class ResilientEngine:
             if owner._server_timeouts_pending and not _sets_transaction(statement):
                 owner._server_timeouts_pending = False
                 await self._apply_server_timeouts(owner)
-            scope = _SCOPE.get()
+            scope = _get_scope()
             if scope is not None and scope.in_call:
                 # Inside a unit of work: the unit's attempt timer bounds the statement
                 # and the unit retries as a whole.
@@ -544,7 +556,7 @@ class ResilientEngine:
             if read_only:
                 # Only a statement that opens its transaction may be retried alone.
                 return await self._read._invoke(  # type: ignore[no-any-return]
-                    _Alone(owner, fn), args, kwargs, fn, self._target, statement
+                    fn, args, kwargs, fn, self._target, statement, _retry_alone
                 )
             return await self._once._invoke(  # type: ignore[no-any-return]
                 fn, args, kwargs, fn, self._target, statement
@@ -573,7 +585,7 @@ class ResilientEngine:
         limit = self._current_limit()
         if limit is None:
             return exc
-        scope = _SCOPE.get()
+        scope = _get_scope()
         by_deadline = (
             scope is not None
             and scope.deadline_at is not None
@@ -606,7 +618,7 @@ class ResilientEngine:
 
     def _current_limit(self) -> float | None:
         """Seconds the current statement or transaction may still run, if bounded."""
-        scope = _SCOPE.get()
+        scope = _get_scope()
         if scope is not None:
             attempt_deadline = scope.attempt.deadline_at
             if attempt_deadline is not None:
@@ -675,7 +687,7 @@ class ResilientEngine:
 
     async def _commit(self, owner: Any, raw_commit: Callable[[], Awaitable[None]]) -> None:
         """COMMIT with its outcome tracked, verified when asked, never silently lost."""
-        scope = _SCOPE.get()
+        scope = _get_scope()
         token = None
         op: _Operation | None = None
         if scope is None or not scope.in_call:
@@ -683,7 +695,7 @@ class ResilientEngine:
             # report it as an operation of its own.
             clock = self._unit.clock
             scope = CallScope(clock, None, True)
-            token = _SCOPE.set(scope)
+            token = _set_scope(scope)
             if _STATE.active:
                 op = _instrument.begin(scope, clock, clock(), None, self._target, "COMMIT")
                 op.attempt_started(scope, None, None)
@@ -729,7 +741,7 @@ class ResilientEngine:
                 raise
         finally:
             if token is not None:
-                _SCOPE.reset(token)
+                _reset_scope(token)
                 scope.end()
         if op is not None:
             op.attempt_ended(scope, op.start, None)
@@ -796,7 +808,7 @@ class ResilientEngine:
 
     async def _verify(self, xid: int) -> str:
         """Ask ``pg_xact_status`` on a fresh connection, while it says ``in progress``."""
-        scope = _SCOPE.get()
+        scope = _get_scope()
         if scope is not None:
             scope.attempt.disarm()
         loop = asyncio.get_running_loop()
@@ -833,36 +845,16 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncConnection.rollback(owner)
 
 
-class _Alone:
-    """The attempts of a statement retried on its own (it opened its transaction).
-
-    The first runs the statement as it is; a later one first rolls back what the
-    failed attempt left: its (single-statement) transaction aborted, or its
-    connection invalidated."""
-
-    __slots__ = ("_fn", "_owner", "_retrying")
-
-    def __init__(self, owner: Any, fn: Callable[..., Awaitable[Any]]) -> None:
-        self._owner = owner
-        self._fn = fn
-        self._retrying = False
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        if self._retrying:
-            return _retry_alone(self._owner, self._fn, args, kwargs)
-        self._retrying = True
-        return self._fn(*args, **kwargs)
-
-
-async def _retry_alone(
-    owner: Any, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> T:
+async def _retry_alone(fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, **kwargs: Any) -> T:
+    """A later attempt of a statement retried on its own (it opened its transaction):
+    roll back what the failed attempt left first — its (single-statement)
+    transaction aborted, or its connection invalidated."""
     if _in_transaction(owner):
         if isinstance(owner, AsyncSession):
             await AsyncSession.rollback(owner)
         else:
             await AsyncConnection.rollback(owner)
-    return await fn(*args, **kwargs)
+    return await fn(owner, *args, **kwargs)
 
 
 _SET_TRANSACTION = re.compile(r"^\s*set\s+transaction\b", re.IGNORECASE)
@@ -946,6 +938,10 @@ def _add_sql_comment(
     return f"{statement} {sqlcommenter(fields)}", parameters
 
 
+_NO_KWARGS: Final[dict[str, Any]] = {}
+"""The keyword arguments of a statement given none (shared: never modified)."""
+
+
 class GuardedConnection(AsyncConnection):
     """An ``AsyncConnection`` whose statements run under the engine's policy."""
 
@@ -963,7 +959,7 @@ class GuardedConnection(AsyncConnection):
             # less for every checkout (`_check_pool_capacity` raises at the call
             # instead of at the await, inside the same `await conn.start()`).
             db = self._db
-            scope = _SCOPE.get()
+            scope = _get_scope()
             if scope is not None and scope.in_call:
                 return AsyncConnection.start(self, is_ctxmanager)
             if db.pool_bulkhead:
@@ -990,10 +986,10 @@ class GuardedConnection(AsyncConnection):
                 None,
                 execution_options,
                 AsyncConnection.execute,
-                self,
-                statement,
-                parameters,
-                execution_options=execution_options,
+                (self, statement, parameters),
+                _NO_KWARGS
+                if execution_options is None
+                else {"execution_options": execution_options},
             )
 
         async def exec_driver_sql(self, statement, parameters=None, execution_options=None):
@@ -1003,10 +999,8 @@ class GuardedConnection(AsyncConnection):
                 None,
                 execution_options,
                 AsyncConnection.exec_driver_sql,
-                self,
-                statement,
-                parameters,
-                execution_options,
+                (self, statement, parameters, execution_options),
+                _NO_KWARGS,
             )
 
         async def stream(self, statement, parameters=None, *, execution_options=None):
@@ -1016,10 +1010,10 @@ class GuardedConnection(AsyncConnection):
                 None,
                 execution_options,
                 AsyncConnection.stream,
-                self,
-                statement,
-                parameters,
-                execution_options=execution_options,
+                (self, statement, parameters),
+                _NO_KWARGS
+                if execution_options is None
+                else {"execution_options": execution_options},
             )
 
         async def commit(self) -> None:
@@ -1128,11 +1122,8 @@ def _session_statement(method: Callable[..., Awaitable[T]]) -> Callable[..., Awa
             None,
             options,
             method,
-            self,
-            statement,
-            params,
-            execution_options=options,
-            **kw,
+            (self, statement, params),
+            {"execution_options": options, **kw},
         )
 
     return guarded
@@ -1159,32 +1150,32 @@ class GuardedSession(AsyncSession):
 
         async def get(self, *args, **kw):
             return await self._db._guard(
-                self, None, True, None, AsyncSession.get, self, *args, **kw
+                self, None, True, None, AsyncSession.get, (self, *args), kw
             )
 
         async def get_one(self, *args, **kw):
             return await self._db._guard(
-                self, None, True, None, AsyncSession.get_one, self, *args, **kw
+                self, None, True, None, AsyncSession.get_one, (self, *args), kw
             )
 
         async def refresh(self, *args, **kw):
             return await self._db._guard(
-                self, None, True, None, AsyncSession.refresh, self, *args, **kw
+                self, None, True, None, AsyncSession.refresh, (self, *args), kw
             )
 
         async def flush(self, *args, **kw):
             return await self._db._guard(
-                self, None, False, None, AsyncSession.flush, self, *args, **kw
+                self, None, False, None, AsyncSession.flush, (self, *args), kw
             )
 
         async def merge(self, *args, **kw):
             return await self._db._guard(
-                self, None, False, None, AsyncSession.merge, self, *args, **kw
+                self, None, False, None, AsyncSession.merge, (self, *args), kw
             )
 
         async def delete(self, *args, **kw):
             return await self._db._guard(
-                self, None, False, None, AsyncSession.delete, self, *args, **kw
+                self, None, False, None, AsyncSession.delete, (self, *args), kw
             )
 
         async def commit(self) -> None:
