@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
 from urllib.parse import quote
 
 from opentelemetry import trace
-from sqlalchemy import Select, TextClause, event, text
+from sqlalchemy import Connection, Select, TextClause, event, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -206,7 +206,6 @@ class ResilientEngine:
     """
 
     _session_class: type[GuardedSession]
-    _connection_class: type[GuardedConnection]
 
     def __init__(
         self,
@@ -293,7 +292,6 @@ class ResilientEngine:
         self._loops: dict[int, _LoopState] = {}
         self._last: _LoopState | None = None
         self._session_class = type("GuardedSession", (GuardedSession,), {"_db": self})
-        self._connection_class = type("GuardedConnection", (GuardedConnection,), {"_db": self})
         self._default_maker: ResilientSessionmaker | None = None
         _instrument.track_engine(self)
 
@@ -368,8 +366,8 @@ class ResilientEngine:
         """
         last = self._last  # engine_for_loop()'s first look, written out
         if last is not None and last.loop is asyncio.get_running_loop():
-            return self._connection_class(last.engine)
-        return self._connection_class(self.engine_for_loop())
+            return GuardedConnection(last.engine, None, self)
+        return GuardedConnection(self.engine_for_loop(), None, self)
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[GuardedConnection]:
@@ -542,14 +540,14 @@ class ResilientEngine:
                 # Inside a unit of work: the unit's attempt timer bounds the statement
                 # and the unit retries as a whole.
                 return await fn(*args, **kwargs)
-            if _in_transaction(owner):
+            if owner._in_transaction():
                 return await self._once._invoke(  # type: ignore[no-any-return]
                     fn, args, kwargs, fn, self._target, statement
                 )
             # The statement opens a transaction of its own.
             if owner._statement_timeout_sent:
                 owner._statement_timeout_sent = False
-            if owner._is_session and self.pool_bulkhead:
+            if self.pool_bulkhead and owner._is_session:
                 self._check_pool_capacity()  # this statement will check a connection out
             if read_only is None:
                 read_only = is_read_only(statement, options)
@@ -710,7 +708,7 @@ class ResilientEngine:
             if owner._server_timeouts_pending:
                 owner._server_timeouts_pending = False
                 await self._apply_server_timeouts(owner)
-            if self.verify_commits and self._is_pg and _in_transaction(owner):
+            if self.verify_commits and self._is_pg and owner._in_transaction():
                 xid = await self._capture_xid(owner)
             await raw_commit()
 
@@ -849,7 +847,7 @@ async def _retry_alone(fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, 
     """A later attempt of a statement retried on its own (it opened its transaction):
     roll back what the failed attempt left first — its (single-statement)
     transaction aborted, or its connection invalidated."""
-    if _in_transaction(owner):
+    if owner._in_transaction():
         if isinstance(owner, AsyncSession):
             await AsyncSession.rollback(owner)
         else:
@@ -870,14 +868,6 @@ async def _connection_of(owner: Any) -> AsyncConnection:
     if isinstance(owner, AsyncSession):
         return await AsyncSession.connection(owner)
     return owner  # type: ignore[no-any-return]
-
-
-def _in_transaction(owner: GuardedConnection | GuardedSession) -> bool:
-    # The sync objects directly: this runs for every guarded statement.
-    if owner._is_session:
-        return owner.sync_session.in_transaction()  # type: ignore[union-attr]
-    sync = owner.sync_connection  # type: ignore[union-attr]
-    return sync is not None and sync.in_transaction()
 
 
 def _is_exit(exc: BaseException | None) -> bool:
@@ -942,15 +932,42 @@ _NO_KWARGS: Final[dict[str, Any]] = {}
 """The keyword arguments of a statement given none (shared: never modified)."""
 
 
+# SQLAlchemy's methods that guarded ones call, looked up once: on Python 3.11 an
+# attribute of a class is a generic lookup at every use.
+_CONNECTION_INIT: Final = AsyncConnection.__init__
+_CONNECTION_START: Final = AsyncConnection.start
+_CONNECTION_EXECUTE: Final = AsyncConnection.execute
+_CONNECTION_STREAM: Final = AsyncConnection.stream
+_CONNECTION_EXEC_DRIVER_SQL: Final = AsyncConnection.exec_driver_sql
+
+
 class GuardedConnection(AsyncConnection):
     """An ``AsyncConnection`` whose statements run under the engine's policy."""
 
-    _db: ClassVar[ResilientEngine]
+    # Instance slots, not class-level defaults: on Python 3.11 an attribute that
+    # also exists on the class is a generic lookup at every read, and every
+    # statement reads these.
+    __slots__ = ("_busy", "_db", "_server_timeouts_pending", "_statement_timeout_sent")
+
+    _db: ResilientEngine
     _is_session: ClassVar[bool] = False
-    _busy: bool = False
-    _server_timeouts_pending: bool = False
-    _statement_timeout_sent: bool = False
+    _busy: bool
+    _server_timeouts_pending: bool
+    _statement_timeout_sent: bool
     """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
+
+    def __init__(
+        self, async_engine: AsyncEngine, sync_connection: Connection | None, db: ResilientEngine
+    ):
+        _CONNECTION_INIT(self, async_engine, sync_connection)
+        self._db = db
+        self._busy = False
+        self._server_timeouts_pending = False
+        self._statement_timeout_sent = False
+
+    def _in_transaction(self) -> bool:
+        sync = self.sync_connection
+        return sync is not None and sync.in_transaction()
 
     if not TYPE_CHECKING:
 
@@ -961,12 +978,12 @@ class GuardedConnection(AsyncConnection):
             db = self._db
             scope = _get_scope()
             if scope is not None and scope.in_call:
-                return AsyncConnection.start(self, is_ctxmanager)
+                return _CONNECTION_START(self, is_ctxmanager)
             if db.pool_bulkhead:
                 db._check_pool_capacity()
             # Guarded only if it has to wait: a warm pool answers from memory.
             return db._checkout._invoke_if_waiting(
-                AsyncConnection.start,
+                _CONNECTION_START,
                 (self, is_ctxmanager),
                 "connect",
                 db._target,
@@ -985,7 +1002,7 @@ class GuardedConnection(AsyncConnection):
                 statement,
                 None,
                 execution_options,
-                AsyncConnection.execute,
+                _CONNECTION_EXECUTE,
                 (self, statement, parameters),
                 _NO_KWARGS
                 if execution_options is None
@@ -998,7 +1015,7 @@ class GuardedConnection(AsyncConnection):
                 statement,
                 None,
                 execution_options,
-                AsyncConnection.exec_driver_sql,
+                _CONNECTION_EXEC_DRIVER_SQL,
                 (self, statement, parameters, execution_options),
                 _NO_KWARGS,
             )
@@ -1009,7 +1026,7 @@ class GuardedConnection(AsyncConnection):
                 statement,
                 None,
                 execution_options,
-                AsyncConnection.stream,
+                _CONNECTION_STREAM,
                 (self, statement, parameters),
                 _NO_KWARGS
                 if execution_options is None
@@ -1134,10 +1151,20 @@ class GuardedSession(AsyncSession):
 
     _db: ClassVar[ResilientEngine]
     _is_session: ClassVar[bool] = True
-    _busy: bool = False
-    _server_timeouts_pending: bool = False
-    _statement_timeout_sent: bool = False
+    # Set on the instance, no class-level defaults (see GuardedConnection).
+    _busy: bool
+    _server_timeouts_pending: bool
+    _statement_timeout_sent: bool
     """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._busy = False
+        self._server_timeouts_pending = False
+        self._statement_timeout_sent = False
+
+    def _in_transaction(self) -> bool:
+        return self.sync_session.in_transaction()
 
     if not TYPE_CHECKING:
 

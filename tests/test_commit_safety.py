@@ -90,14 +90,16 @@ async def test_timeout_during_commit_is_not_retried(engine: AsyncEngine) -> None
     sessions = async_sessionmaker(engine)
     attempts = 0
 
-    @resilient(timeout=0.05, retries=3, breaker=False)
+    # 0.5 s: the INSERT and the COMMIT must be done before the timer fires, even on
+    # a loaded two-core runner (0.05 s left them little room).
+    @resilient(timeout=0.5, retries=3, breaker=False)
     async def pay() -> None:
         nonlocal attempts
         attempts += 1
         async with sessions.begin() as s:
             await s.execute(text("INSERT INTO payments DEFAULT VALUES"))
             await s.commit()
-            await asyncio.sleep(1)  # the timeout fires after COMMIT returned
+            await asyncio.sleep(10)  # the timeout fires after COMMIT returned
 
     with pytest.raises(CommitOutcomeUnknown):
         await pay()

@@ -326,7 +326,8 @@ class CircuitBreaker:
             # The current bucket's counts live in plain attributes: a success in a
             # closed breaker (every healthy call) is a clock read, a comparison and
             # two stores (see _advance).
-            now = self._clock()
+            clock = self._clock  # `self._clock()` would be an unspecializable method load
+            now = clock()
             if now >= self._bucket_ends:
                 self._advance(now)
             self._cur_calls += 1
