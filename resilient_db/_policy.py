@@ -29,6 +29,7 @@ import inspect
 import logging
 import os
 import time
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, Final, Literal, NoReturn, ParamSpec, TypeVar, cast, overload
 
@@ -212,7 +213,7 @@ class Policy:
         self._deposits: RetryBudget | None = budget
         """The budget each call deposits into (``None``: calls deposit nothing)."""
         self._unguarded_start = False
-        """Whether :meth:`_invoke_if_waiting` may start a call outside the policy."""
+        """Whether :meth:`_start_unless_waiting` may start a call outside the policy."""
         install_commit_tracking()
 
     # -- building from configuration ------------------------------------------------------
@@ -390,25 +391,27 @@ class Policy:
 
     # -- the machinery -------------------------------------------------------------------
 
-    async def _invoke_if_waiting(
+    def _start_unless_waiting(
         self,
         start: Callable[..., Coroutine[Any, Any, Any]],
         args: tuple[Any, ...],
         label: Any,
         target: DatabaseTarget | None,
         statement: Any,
-    ) -> Any:
-        """Run ``start(*args)`` under the policy only if it has to wait.
+    ) -> Awaitable[Any]:
+        """Run ``start(*args)`` under the policy only if it has to wait; the
+        awaitable that gives its result.
 
         For calls whose success says nothing about the database (``traffic=False``:
         the engine's pool checkouts). ``start`` first runs outside the policy up to
         its first wait. A warm pool answers a checkout from memory, without any
         I/O: nothing could hang, a success would be ignored by the breaker and
-        deposit nothing, so a guard would only cost time — that result is returned
-        as it is. If it waits (connecting, a pre-ping, a pool with no idle
-        connection), the rest of it is the first attempt of an ordinary guarded
-        call: timed, counted by the breaker, retried afresh. A failure before any
-        wait is that first attempt's failure, counted and retried the same way.
+        deposit nothing, so a guard would only cost time — awaiting the returned
+        awaitable then just hands that result over. If it waits (connecting, a
+        pre-ping, a pool with no idle connection), the rest of it is the first
+        attempt of an ordinary guarded call: timed, counted by the breaker, retried
+        afresh. A failure before any wait is that first attempt's failure, counted
+        and retried the same way.
 
         Taken only when nothing would tell the difference: no instrumentation
         hooks active (they see every checkout as an operation), no bulkhead (an
@@ -426,20 +429,30 @@ class Policy:
             and (scope is None or (not scope.in_call and scope.deadline_at is None))
             and (breaker is None or breaker._state is _CLOSED)  # type: ignore[attr-defined]
         ):
-            coro = start(*args)
+            stepped = _stepped(start(*args))
             try:
-                waiting = coro.send(None)
-            except StopIteration as done:
-                return done.value
+                waiting = stepped.send(None)
             except Exception as exc:
                 rest = _Continuation(start, _failed(exc))
             else:
-                rest = _Continuation(start, _Resumed(coro, waiting))
-            try:
-                return await self._invoke(rest, args, {}, label, target, statement)
-            finally:
-                rest.close()
-        return await self._invoke(start, args, {}, label, target, statement)
+                if waiting is _FINISHED:
+                    return stepped  # done without waiting: awaiting it returns the result
+                rest = _Continuation(start, _Resumed(stepped, waiting))
+            return self._invoke_continuation(rest, args, label, target, statement)
+        return self._invoke(start, args, {}, label, target, statement)
+
+    async def _invoke_continuation(
+        self,
+        rest: _Continuation,
+        args: tuple[Any, ...],
+        label: Any,
+        target: DatabaseTarget | None,
+        statement: Any,
+    ) -> Any:
+        try:
+            return await self._invoke(rest, args, {}, label, target, statement)
+        finally:
+            rest.close()
 
     async def _invoke(
         self,
@@ -735,7 +748,7 @@ class Policy:
 
 class _Continuation:
     """The attempts of a call started outside the policy (see
-    :meth:`Policy._invoke_if_waiting`): the first is ``first`` — the rest of the
+    :meth:`Policy._start_unless_waiting`): the first is ``first`` — the rest of the
     coroutine that had to wait, or the error it failed with before waiting; later
     attempts start afresh."""
 
@@ -767,10 +780,30 @@ async def _failed(error: Exception) -> NoReturn:
     raise error
 
 
+_FINISHED: Final = object()
+"""What :func:`_stepped` yields once the coroutine it runs has returned."""
+
+
+@types.coroutine
+def _stepped(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+    """Run ``coro``, then yield :data:`_FINISHED` before returning its result.
+
+    Sending ``None`` into it tells, without an exception, whether ``coro`` finished
+    before its first wait (the send returns ``_FINISHED``; awaiting the generator
+    then returns the result at once) or waited (the send returns what it waits on).
+    Taking a coroutine's first step with ``coro.send(None)`` directly raises
+    ``StopIteration`` when it finishes: an exception, a traceback and a frame
+    object for every checkout a warm pool answers."""
+    result = yield from coro  # allowed: a types.coroutine may delegate to a coroutine
+    yield _FINISHED
+    return cast("T", result)
+
+
 class _Resumed:
-    """Awaiting it continues a coroutine that was sent ``None`` once and yielded
-    ``waiting``: the same as having awaited that coroutine from the start (what the
-    task sends or throws in goes to the coroutine; closing closes it)."""
+    """Awaiting it continues a :func:`_stepped` coroutine that was sent ``None``
+    once and yielded ``waiting``: the same as having awaited the coroutine inside
+    from the start (what the task sends or throws in goes to it; closing closes
+    it)."""
 
     __slots__ = ("_coro", "_waiting")
 
@@ -798,6 +831,11 @@ class _Resumed:
             else:
                 try:
                     value = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+            if value is _FINISHED:
+                try:
+                    coro.send(None)
                 except StopIteration as done:
                     return done.value
 

@@ -27,8 +27,6 @@ UNAVOIDABLE = {
     # Attributes of SQLAlchemy's objects: its execution context, a TextClause.
     ("_wrap_statement.<locals>.run_statement", "root_connection"),
     ("is_read_only", "text"),
-    # The StopIteration that carries a checkout a warm pool answered at once.
-    ("Policy._invoke_if_waiting", "value"),
 }
 """(function, name) of the generic loads allowed on the hot path, with why."""
 
