@@ -212,3 +212,17 @@ def test_the_bytecode_count_sees_the_guarded_path(pg_url: str, tmp_path: Path) -
         assert rows[name]["beyond_raw"] > 0, rows[name]
         functions = {f["function"].split(":")[0] for f in rows[name]["top_functions"]}
         assert "_policy.py" in functions  # the policy's own functions are among them
+
+
+@pytest.mark.postgres
+def test_the_side_by_side_comparison_imports_the_earlier_revision(
+    pg_url: str, tmp_path: Path
+) -> None:
+    _run_bench("bench.versus", tmp_path, pg_url, "HEAD", "--quick")
+    (json_path,) = tmp_path.glob("versus-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    names = [row["variant"] for row in rows]
+    assert names[0] == "raw" and names[2::2] == ["@resilient now", "ResilientEngine now"]
+    assert names[1].startswith("@resilient at ") and names[3].startswith("ResilientEngine at ")
+    for row in rows:
+        assert _number(row["ratio"]) and _number(row["cpu_ratio"]), row
