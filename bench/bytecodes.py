@@ -40,15 +40,21 @@ from resilient_db._sqla import install_commit_tracking, uninstall_commit_trackin
 Unit = Callable[[], Awaitable[Any]]
 
 
-async def count(unit: Unit, units: int) -> Counter[str]:
-    """Bytecodes executed by ``units`` runs of ``unit``, per function (file:name)."""
-    counts: Counter[str] = Counter()
+async def trace(
+    unit: Unit,
+    units: int,
+    on_opcode: Callable[[FrameType], None],
+    keep: Callable[[FrameType], bool] | None = None,
+) -> None:
+    """Run ``unit`` ``units`` times, calling ``on_opcode(frame)`` before every bytecode
+    executed in a frame that ``keep`` accepts (every frame without ``keep``)."""
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        if keep is not None and not keep(frame):
+            return None
         frame.f_trace_opcodes = True
         if event == "opcode":
-            code = frame.f_code
-            counts[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+            on_opcode(frame)
         return tracer
 
     sys.settrace(tracer)
@@ -57,6 +63,17 @@ async def count(unit: Unit, units: int) -> Counter[str]:
             await unit()
     finally:
         sys.settrace(None)
+
+
+async def count(unit: Unit, units: int) -> Counter[str]:
+    """Bytecodes executed by ``units`` runs of ``unit``, per function (file:name)."""
+    counts: Counter[str] = Counter()
+
+    def seen(frame: FrameType) -> None:
+        code = frame.f_code
+        counts[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+
+    await trace(unit, units, seen)
     return counts
 
 

@@ -42,6 +42,7 @@ import resilient_db
 from bench._context import pg_url_from_env
 from bench._harness import versions, write_json
 from bench._variants import engine_unit, raw_unit
+from bench.bytecodes import trace
 from resilient_db import ResilientEngine, resilient
 
 Unit = Callable[[], Awaitable[Any]]
@@ -59,20 +60,10 @@ async def generic_loads(unit: Unit, *, units: int, warmup: int) -> list[dict[str
         await unit()
     executed: Counter[tuple[CodeType, int]] = Counter()
 
-    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
-        if not frame.f_code.co_filename.startswith(PACKAGE):
-            return None
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            executed[frame.f_code, frame.f_lasti] += 1
-        return tracer
+    def seen(frame: FrameType) -> None:
+        executed[frame.f_code, frame.f_lasti] += 1
 
-    sys.settrace(tracer)
-    try:
-        for _ in range(units):
-            await unit()
-    finally:
-        sys.settrace(None)
+    await trace(unit, units, seen, keep=lambda frame: frame.f_code.co_filename.startswith(PACKAGE))
     # Tracing runs the plain instructions without touching the specialized ones, so
     # the code objects still show what the untraced runs made of them.
     found: list[dict[str, Any]] = []

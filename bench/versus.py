@@ -38,6 +38,7 @@ from bench._context import pg_url_from_env
 from bench._harness import Op, Row, versions, write_json
 from bench._otel import install
 from bench._variants import SELECT_1, Variant, engine_unit, raw_unit, run_interleaved
+from bench.ablation import table
 from resilient_db import ResilientEngine, resilient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,21 +111,6 @@ async def measure(url: str, rev: str, *, rounds: int, ops: int, warmup: int) -> 
         finally:
             telemetry.shutdown()
             await engine.dispose()
-
-
-def table(rows: Sequence[Row]) -> str:
-    raw_cpu = next(r for r in rows if r.variant == "raw").cpu_median_us
-    width = max(len(r.variant) for r in rows)
-    lines = [
-        f"{'variant':<{width}}  {'wall µs':>8}  {'× raw':>6}  {'CPU µs':>7}  {'CPU × raw':>9}"
-        f"  {'CPU µs over raw':>15}"
-    ]
-    lines.extend(
-        f"{r.variant:<{width}}  {r.median_us:>8.1f}  {r.ratio:>6.3f}  {r.cpu_median_us:>7.1f}"
-        f"  {r.cpu_ratio:>9.3f}  {r.cpu_median_us - raw_cpu:>15.1f}"
-        for r in rows
-    )
-    return "\n".join(lines)
 
 
 async def main(argv: Sequence[str] | None = None) -> None:
