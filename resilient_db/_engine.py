@@ -982,7 +982,7 @@ class GuardedConnection(AsyncConnection):
             if db.pool_bulkhead:
                 db._check_pool_capacity()
             # Guarded only if it has to wait: a warm pool answers from memory.
-            return db._checkout._start_unless_waiting(
+            return db._checkout._invoke_if_waiting(
                 _CONNECTION_START,
                 (self, is_ctxmanager),
                 "connect",

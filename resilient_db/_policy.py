@@ -213,7 +213,7 @@ class Policy:
         self._deposits: RetryBudget | None = budget
         """The budget each call deposits into (``None``: calls deposit nothing)."""
         self._unguarded_start = False
-        """Whether :meth:`_start_unless_waiting` may start a call outside the policy."""
+        """Whether :meth:`_invoke_if_waiting` may start a call outside the policy."""
         install_commit_tracking()
 
     # -- building from configuration ------------------------------------------------------
@@ -391,27 +391,25 @@ class Policy:
 
     # -- the machinery -------------------------------------------------------------------
 
-    def _start_unless_waiting(
+    async def _invoke_if_waiting(
         self,
         start: Callable[..., Coroutine[Any, Any, Any]],
         args: tuple[Any, ...],
         label: Any,
         target: DatabaseTarget | None,
         statement: Any,
-    ) -> Awaitable[Any]:
-        """Run ``start(*args)`` under the policy only if it has to wait; the
-        awaitable that gives its result.
+    ) -> Any:
+        """Run ``start(*args)`` under the policy only if it has to wait.
 
         For calls whose success says nothing about the database (``traffic=False``:
         the engine's pool checkouts). ``start`` first runs outside the policy up to
         its first wait. A warm pool answers a checkout from memory, without any
         I/O: nothing could hang, a success would be ignored by the breaker and
-        deposit nothing, so a guard would only cost time — awaiting the returned
-        awaitable then just hands that result over. If it waits (connecting, a
-        pre-ping, a pool with no idle connection), the rest of it is the first
-        attempt of an ordinary guarded call: timed, counted by the breaker, retried
-        afresh. A failure before any wait is that first attempt's failure, counted
-        and retried the same way.
+        deposit nothing, so a guard would only cost time — that result is returned
+        as it is. If it waits (connecting, a pre-ping, a pool with no idle
+        connection), the rest of it is the first attempt of an ordinary guarded
+        call: timed, counted by the breaker, retried afresh. A failure before any
+        wait is that first attempt's failure, counted and retried the same way.
 
         Taken only when nothing would tell the difference: no instrumentation
         hooks active (they see every checkout as an operation), no bulkhead (an
@@ -436,23 +434,14 @@ class Policy:
                 rest = _Continuation(start, _failed(exc))
             else:
                 if waiting is _FINISHED:
-                    return stepped  # done without waiting: awaiting it returns the result
+                    # Done without waiting: resuming it hands the result over.
+                    return await stepped
                 rest = _Continuation(start, _Resumed(stepped, waiting))
-            return self._invoke_continuation(rest, args, label, target, statement)
-        return self._invoke(start, args, {}, label, target, statement)
-
-    async def _invoke_continuation(
-        self,
-        rest: _Continuation,
-        args: tuple[Any, ...],
-        label: Any,
-        target: DatabaseTarget | None,
-        statement: Any,
-    ) -> Any:
-        try:
-            return await self._invoke(rest, args, {}, label, target, statement)
-        finally:
-            rest.close()
+            try:
+                return await self._invoke(rest, args, {}, label, target, statement)
+            finally:
+                rest.close()
+        return await self._invoke(start, args, {}, label, target, statement)
 
     async def _invoke(
         self,
@@ -748,7 +737,7 @@ class Policy:
 
 class _Continuation:
     """The attempts of a call started outside the policy (see
-    :meth:`Policy._start_unless_waiting`): the first is ``first`` — the rest of the
+    :meth:`Policy._invoke_if_waiting`): the first is ``first`` — the rest of the
     coroutine that had to wait, or the error it failed with before waiting; later
     attempts start afresh."""
 
@@ -793,7 +782,9 @@ def _stepped(coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
     then returns the result at once) or waited (the send returns what it waits on).
     Taking a coroutine's first step with ``coro.send(None)`` directly raises
     ``StopIteration`` when it finishes: an exception, a traceback and a frame
-    object for every checkout a warm pool answers."""
+    object for every checkout a warm pool answers. Only awaited inside our own
+    coroutines (on 3.12+ a task will not run a generator, and it has no
+    ``__await__``)."""
     result = yield from coro  # allowed: a types.coroutine may delegate to a coroutine
     yield _FINISHED
     return cast("T", result)

@@ -126,3 +126,31 @@ async def test_a_checkout_failing_before_any_wait_is_counted_and_retried(
     snapshot = breaker.snapshot()
     assert snapshot.window_failures == 1  # the failure counted once
     assert snapshot.window_calls == 3  # the warm-up statement, that failure, the statement
+
+
+async def test_awaiting_connect_on_a_warm_pool_gives_a_started_connection(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    # SQLAlchemy's `conn = await engine.connect()` form awaits what start() returns
+    # through its __await__: the warm checkout must hand over a real awaitable.
+    db = ResilientEngine(sqlite_engine, timeout=2, retries=0)
+    async with db.connect() as conn:  # the pool is warm from here on
+        await conn.execute(text("SELECT 1"))
+    conn = await db.connect()
+    try:
+        assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await conn.close()
+    assert sqlite_engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_checkout_that_is_never_awaited_takes_nothing_from_the_pool(
+    sqlite_engine: AsyncEngine,
+) -> None:
+    db = ResilientEngine(sqlite_engine, timeout=2, retries=0)
+    async with db.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    pending = db.connect().start()
+    assert asyncio.iscoroutine(pending)  # a task can run it, on every Python version
+    assert sqlite_engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    pending.close()
