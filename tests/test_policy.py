@@ -288,6 +288,30 @@ def test_the_budget_refuses_once_spent() -> None:
     assert [budget.try_withdraw() for _ in range(3)] == [True, True, False]
 
 
+def test_reading_the_budget_for_telemetry_never_changes_what_a_retry_gets() -> None:
+    # Ten deposits of 0.1 are one token; reading `available` between them (the
+    # instrumentation does) must not round the sum differently.
+    outcomes = []
+    for peek in (False, True):
+        budget = RetryBudget(ratio=0.1, min_per_second=0, clock=FakeClock())
+        for _ in range(10):
+            budget.deposit()
+            if peek:
+                assert budget.available <= 1.0
+        outcomes.append([budget.try_withdraw(), budget.try_withdraw()])
+    assert outcomes == [[True, False], [True, False]]
+
+
+def test_deposits_are_capped_at_max_tokens() -> None:
+    budget = RetryBudget(ratio=1.0, min_per_second=0, max_tokens=3, clock=FakeClock())
+    for _ in range(10):
+        budget.deposit()
+    assert budget.available == 3.0
+    assert [budget.try_withdraw() for _ in range(4)] == [True, True, True, False]
+    budget.deposit()
+    assert budget.available == 1.0
+
+
 def test_a_floor_below_one_per_second_still_allows_a_retry_now_and_then() -> None:
     clock = FakeClock()
     budget = RetryBudget(ratio=0, min_per_second=0.5, clock=clock)  # one every 2 s

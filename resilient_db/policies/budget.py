@@ -86,21 +86,22 @@ class RetryBudget:
         """Record a first attempt."""
         # Every first attempt deposits: only count it here. Adding n deposits at
         # once, capped, is what adding them one at a time, capped each time, gives
-        # (all are positive), so the tokens are brought up to date when read.
+        # (all are positive; equal up to float rounding), so the tokens are brought
+        # up to date when a retry asks for one.
         self.deposits += 1
 
     def _banked(self) -> float:
-        """The banked tokens, with the deposits made since the last look."""
-        pending = self.deposits - self._synced
-        if pending:
-            self._synced = self.deposits
-            tokens = self._tokens + pending * self.ratio
-            self._tokens = tokens if tokens < self.max_tokens else self.max_tokens
-        return self._tokens
+        """The banked tokens, with the deposits made since the last withdrawal
+        attempt (capped; not stored: only :meth:`try_withdraw` folds them in, so
+        that reading :attr:`available` never changes what a retry is allowed)."""
+        tokens = self._tokens + (self.deposits - self._synced) * self.ratio
+        return tokens if tokens < self.max_tokens else self.max_tokens
 
     def try_withdraw(self) -> bool:
         """Take one token for a retry; ``False`` when the budget is spent."""
-        if self._banked() >= 1.0:
+        self._tokens = self._banked()
+        self._synced = self.deposits
+        if self._tokens >= 1.0:
             self._tokens -= 1.0
             self.withdrawals += 1
             return True
