@@ -30,14 +30,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench._context import pg_url_from_env
-from bench._harness import Op, Row, versions, write_json
+from bench._harness import Row, versions, write_json
 from bench._otel import install
-from bench._variants import SELECT_1, Variant, engine_unit, raw_unit, run_interleaved
+from bench._variants import Variant, engine_unit, raw_unit, run_interleaved
 from bench.ablation import table
 from resilient_db import ResilientEngine, resilient
 
@@ -63,16 +62,6 @@ def import_revision(rev: str, directory: Path) -> tuple[ModuleType, str]:
     return importlib.import_module(name), commit
 
 
-def earlier_engine_unit(package: ModuleType, engine: Any) -> Op:
-    db = package.ResilientEngine(engine, timeout=2, retries=3)
-
-    async def unit() -> Any:
-        async with db.connect() as conn:
-            return (await conn.execute(SELECT_1)).scalar()
-
-    return unit
-
-
 async def measure(url: str, rev: str, *, rounds: int, ops: int, warmup: int) -> list[Row]:
     with tempfile.TemporaryDirectory() as directory:
         earlier, commit = import_revision(rev, Path(directory))
@@ -90,7 +79,7 @@ async def measure(url: str, rev: str, *, rounds: int, ops: int, warmup: int) -> 
                 Variant("@resilient now", resilient(timeout=2, retries=3)(raw), guarded=True),
                 Variant(
                     f"ResilientEngine at {commit}",
-                    earlier_engine_unit(earlier, engine),
+                    engine_unit(earlier.ResilientEngine(engine, timeout=2, retries=3)),
                     guarded=True,
                 ),
                 Variant(
