@@ -852,6 +852,15 @@ async def _retry_alone(fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, 
             await AsyncSession.rollback(owner)
         else:
             await AsyncConnection.rollback(owner)
+    if not isinstance(owner, AsyncSession):
+        # A connection's own isolation level (`conn.execution_options(isolation_level=
+        # "AUTOCOMMIT")`) is not set again on the DBAPI connection that replaces an
+        # invalidated one: without this, an idempotent write retried in AUTOCOMMIT
+        # would run in a transaction nobody commits.
+        sync = owner.sync_connection
+        level = None if sync is None else sync.get_execution_options().get("isolation_level")
+        if level is not None:
+            await AsyncConnection.execution_options(owner, isolation_level=level)
     return await fn(owner, *args, **kwargs)
 
 

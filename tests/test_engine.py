@@ -108,6 +108,22 @@ async def test_an_idempotent_write_may_be_retried_alone(
     assert await witness.scalar("SELECT count(*) FROM ledger") == 1
 
 
+async def test_an_idempotent_write_retried_alone_keeps_the_connections_autocommit(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    # The retry runs on a new DBAPI connection, which SQLAlchemy does not set to the
+    # connection's own isolation level again: the write would run in a transaction
+    # that nothing commits, and vanish at release although execute() returned.
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    await witness.terminate(await backend_pid(db))
+    await witness.wait_sessions(0)
+    upsert = text("INSERT INTO ledger VALUES ('w', 1) ON CONFLICT DO NOTHING")
+    async with db.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(upsert, execution_options={"idempotent": True})
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+
+
 async def test_a_statement_inside_a_transaction_is_never_retried_alone(
     ledger: AsyncEngine, witness: Witness
 ) -> None:
