@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import (
     AsyncTransaction,
     async_sessionmaker,
 )
+from sqlalchemy.ext.asyncio.base import asyncstartablecontext
 
 from . import _instrument
 from . import _validate as v
@@ -1029,8 +1030,12 @@ class GuardedConnection(AsyncConnection):
                 _NO_KWARGS,
             )
 
+        @asyncstartablecontext
         async def stream(self, statement, parameters=None, *, execution_options=None):
-            return await self._db._guard(
+            # Awaited (`await conn.stream(...)`) or entered (`async with
+            # conn.stream(...) as result`), as SQLAlchemy's own; `stream_scalars`
+            # enters it.
+            result = await self._db._guard(
                 self,
                 statement,
                 None,
@@ -1041,6 +1046,12 @@ class GuardedConnection(AsyncConnection):
                 if execution_options is None
                 else {"execution_options": execution_options},
             )
+            try:
+                yield result
+            except GeneratorExit:
+                pass  # awaited, not entered: the result is the caller's to close
+            else:
+                await result.close()
 
         async def commit(self) -> None:
             await self._db._commit(self, lambda: AsyncConnection.commit(self))

@@ -621,6 +621,22 @@ async def test_a_stream_yields_rows_without_loading_them_all(ledger: AsyncEngine
     assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+async def test_a_connections_stream_is_entered_or_awaited_as_sqlalchemys(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=10, breaker=False)
+    series = text("SELECT g FROM generate_series(1, 3) AS g")
+    async with db.connect() as conn:
+        async with conn.stream(series) as rows:
+            entered = [row[0] async for row in rows]
+        awaited = [row[0] async for row in await conn.stream(series)]
+        async with conn.stream_scalars(series) as scalars:
+            scalars_entered = [value async for value in scalars]
+        scalars_awaited = [value async for value in await conn.stream_scalars(series)]
+    assert entered == awaited == scalars_entered == scalars_awaited == [1, 2, 3]
+    assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
