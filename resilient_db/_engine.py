@@ -533,9 +533,13 @@ class ResilientEngine:
             )
         owner._busy = True
         try:
+            label = fn
             if owner._server_timeouts_pending and not _sets_transaction(statement):
+                # The transaction's first statement: the server-side deadline goes
+                # first, under the statement's guard (a frozen server, or a pool with
+                # no idle connection for a session, holds it like the statement).
                 owner._server_timeouts_pending = False
-                await self._apply_server_timeouts(owner)
+                fn = functools.partial(_after_server_timeouts, self, owner, fn)
             scope = _get_scope()
             if scope is not None and scope.in_call:
                 # Inside a unit of work: the unit's attempt timer bounds the statement
@@ -543,7 +547,7 @@ class ResilientEngine:
                 return await fn(*args, **kwargs)
             if owner._in_transaction():
                 return await self._once._invoke(  # type: ignore[no-any-return]
-                    fn, args, kwargs, fn, self._target, statement
+                    fn, args, kwargs, label, self._target, statement
                 )
             # The statement opens a transaction of its own.
             if owner._statement_timeout_sent:
@@ -555,10 +559,10 @@ class ResilientEngine:
             if read_only:
                 # Only a statement that opens its transaction may be retried alone.
                 return await self._read._invoke(  # type: ignore[no-any-return]
-                    fn, args, kwargs, fn, self._target, statement, _retry_alone
+                    fn, args, kwargs, label, self._target, statement, _retry_alone
                 )
             return await self._once._invoke(  # type: ignore[no-any-return]
-                fn, args, kwargs, fn, self._target, statement
+                fn, args, kwargs, label, self._target, statement
             )
         except BaseException as exc:
             translated = self._translate(exc, owner)
@@ -640,6 +644,19 @@ class ResilientEngine:
         owner's current transaction only, in one statement."""
         if not self._per_transaction:
             return
+        scope = _get_scope()
+        op = None if scope is None else (scope.root or scope).telemetry
+        if op is None or op.query_text is not None:
+            await self._send_server_timeouts(owner)
+            return
+        try:
+            await self._send_server_timeouts(owner)
+        finally:
+            # Our statements are not the operation's: its query text is the next one.
+            op.query_text = None
+            op.wants_statement = op.wants_statement or op.db_operation is not None
+
+    async def _send_server_timeouts(self, owner: GuardedConnection | GuardedSession) -> None:
         conn = await _connection_of(owner)
         settings: list[tuple[str, str]] = []
         if self.server_timeouts:
@@ -842,6 +859,15 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncSession.rollback(owner)
     elif isinstance(owner, AsyncConnection) and owner.in_transaction():
         await AsyncConnection.rollback(owner)
+
+
+async def _after_server_timeouts(
+    db: ResilientEngine, owner: Any, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any
+) -> T:
+    """``fn(*args, **kwargs)`` once the owner's transaction has its server-side
+    deadline (see ``ResilientEngine._apply_server_timeouts``)."""
+    await db._apply_server_timeouts(owner)
+    return await fn(*args, **kwargs)
 
 
 async def _retry_alone(fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, **kwargs: Any) -> T:

@@ -279,6 +279,19 @@ async def test_statement_spans_when_asked_carry_the_sqlstate_and_never_parameter
         assert "987654" not in everything
 
 
+async def test_a_begun_transactions_first_statement_is_its_operations_query_text(
+    pg_engine: AsyncEngine,
+) -> None:
+    # The server-side deadline is sent under the first statement's guard, before it:
+    # the operation's query text must still be the caller's statement, not ours.
+    with Telemetry(query_text=True).installed() as telemetry:
+        db = ResilientEngine(pg_engine, timeout=5, retries=0, breaker=False)
+        async with db.begin() as conn:
+            await conn.execute(text("SELECT 41 + 1"))
+    (operation,) = [s for s in telemetry.spans() if attrs(s).get("db.operation.name") == "SELECT"]
+    assert attrs(operation)["db.query.text"] == "SELECT 41 + 1"
+
+
 async def test_exception_messages_never_reach_spans(
     accounts: AsyncEngine, telemetry: Telemetry
 ) -> None:
