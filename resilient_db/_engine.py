@@ -754,6 +754,12 @@ class ResilientEngine:
                     if op is not None:
                         op.attempt_ended(scope, op.start, final)
                         op.ended(scope, final)
+                    if final is exc:
+                        # The flush at COMMIT ended by the statement_timeout we sent:
+                        # our timeout error, as for any other guarded statement.
+                        translated = self._translate(exc, owner)
+                        if translated is not exc:
+                            raise translated from exc
                 raise
         finally:
             if token is not None:

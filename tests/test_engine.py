@@ -15,6 +15,7 @@ from conftest import Witness
 from sqlalchemy import event, make_url, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from resilient_db import (
     AttemptTimeout,
@@ -363,6 +364,32 @@ async def test_what_a_begun_transactions_first_statement_sends_first_is_bounded_
     elapsed = time.monotonic() - started
     proxy.half_open(False)
     assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+
+
+async def test_a_server_timeout_in_the_flush_at_commit_is_our_timeout_error(
+    ledger: AsyncEngine,
+) -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Entry(Base):
+        __tablename__ = "ledger"
+        key: Mapped[str] = mapped_column(primary_key=True)
+        amount: Mapped[int | None]
+
+    db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False)
+    sessions = db.sessionmaker()
+
+    async def flush_at_commit() -> None:
+        async with sessions.begin() as session:
+            session.add(Entry(key="k", amount=1))  # INSERTed by the flush at COMMIT
+
+    async with ledger.connect() as holder:
+        await holder.execute(text("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE"))
+        with pytest.raises(TimeoutExceeded) as info:
+            await flush_at_commit()
+        await holder.rollback()
+    assert isinstance(info.value.__cause__, sa_exc.DBAPIError)  # the server's 57014
 
 
 async def test_a_commit_cancelled_in_flight_is_reported_as_unknown(
