@@ -526,11 +526,7 @@ class ResilientEngine:
             # nothing of ours): busy means a second task is in. A flag, not the task:
             # `asyncio.current_task()` is a Python function before 3.12, and this
             # runs for every statement.
-            raise ConcurrentSessionUse(
-                f"this {type(owner).__name__} is already running an operation in another "
-                "task; a connection runs one statement at a time: share the engine "
-                "(or the sessionmaker), not the session"
-            )
+            raise _concurrent_use(owner)
         owner._busy = True
         try:
             label = fn
@@ -702,7 +698,17 @@ class ResilientEngine:
         return rows
 
     async def _commit(self, owner: Any, raw_commit: Callable[[], Awaitable[None]]) -> None:
-        """COMMIT with its outcome tracked, verified when asked, never silently lost."""
+        """COMMIT with its outcome tracked, verified when asked, never silently lost;
+        refused, before anything is sent, while another task uses the owner."""
+        if owner._busy:
+            raise _concurrent_use(owner)
+        owner._busy = True
+        try:
+            await self._tracked_commit(owner, raw_commit)
+        finally:
+            owner._busy = False
+
+    async def _tracked_commit(self, owner: Any, raw_commit: Callable[[], Awaitable[None]]) -> None:
         scope = _get_scope()
         token = None
         op: _Operation | None = None
@@ -865,6 +871,14 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncSession.rollback(owner)
     elif isinstance(owner, AsyncConnection) and owner.in_transaction():
         await AsyncConnection.rollback(owner)
+
+
+def _concurrent_use(owner: object) -> ConcurrentSessionUse:
+    return ConcurrentSessionUse(
+        f"this {type(owner).__name__} is already running an operation in another task; a "
+        "connection runs one statement at a time: share the engine (or the sessionmaker), "
+        "not the session"
+    )
 
 
 async def _after_server_timeouts(

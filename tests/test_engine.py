@@ -588,6 +588,22 @@ async def test_one_session_used_by_two_tasks_gets_a_clear_error(ledger: AsyncEng
         await first
 
 
+async def test_a_commit_while_another_task_uses_the_session_is_refused_before_sending(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, breaker=False)
+    async with db.session() as session:
+        await session.execute(text("INSERT INTO ledger VALUES ('k', 1)"))
+        first = asyncio.ensure_future(session.execute(text("SELECT pg_sleep(0.3)")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConcurrentSessionUse, match="share the engine"):
+            await session.commit()
+        await first  # the statement in flight was not disturbed
+        await session.commit()
+    async with ledger.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM ledger"))).scalar() == 1
+
+
 async def test_a_serializable_conflict_converges_and_money_is_conserved(
     ledger: AsyncEngine, witness: Witness
 ) -> None:
