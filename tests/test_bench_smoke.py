@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.instructions import PRICES, VARIANTS, callgrind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,3 +229,30 @@ def test_the_side_by_side_comparison_imports_the_earlier_revision(
     assert names[1].startswith("@resilient at ") and names[3].startswith("ResilientEngine at ")
     for row in rows:
         assert _number(row["ratio"]) and _number(row["cpu_ratio"]), row
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("variant", [*VARIANTS, *PRICES])
+def test_the_instruction_count_child_runs_each_unit(pg_url: str, variant: str) -> None:
+    # What `python -m bench.instructions` runs under valgrind, run without it here:
+    # a child under valgrind takes about a minute to import what it needs.
+    child = [sys.executable, "-m", "bench.instructions", "--child", variant]
+    done = subprocess.run(
+        [*child, "--warmup", "1", "--units", "2", "--pg-url", pg_url],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_callgrind_totals_are_read_from_its_output(tmp_path: Path) -> None:
+
+    small = callgrind([sys.executable, "-S", "-c", "pass"], tmp_path / "small.out")
+    more = callgrind(
+        [sys.executable, "-S", "-c", "for _ in range(100_000): pass"], tmp_path / "more.out"
+    )
+    assert 0 < small < more
