@@ -176,10 +176,13 @@ def measure(variants: Sequence[str], *, warmup: int, units: int, url: str) -> di
 
 
 def report(
-    per_unit: dict[str, float], baseline: str = "raw", width: int = 16
+    per_unit: dict[str, float], baseline: str = "raw", short: str = "raw", width: int = 16
 ) -> tuple[str, list[dict[str, Any]]]:
+    """A table of ``per_unit``, each row over and × the ``baseline`` row (``short``)."""
     raw = per_unit.get(baseline)
-    lines = [f"{'variant':<{width}}  {'instructions/unit':>17}  {'over ' + baseline:>9}  {'×':>6}"]
+    lines = [
+        f"{'variant':<{width}}  {'instructions/unit':>17}  {'over ' + short:>11}  {'× ' + short:>8}"
+    ]
     rows: list[dict[str, Any]] = []
     for variant, count in per_unit.items():
         over = None if raw is None else count - raw
@@ -187,7 +190,7 @@ def report(
         rows.append({"variant": variant, "per_unit": count, "over_raw": over, "ratio": ratio})
         lines.append(
             f"{variant:<{width}}  {count:>17,.0f}  "
-            + ("" if over is None or ratio is None else f"{over:>+9,.0f}  {ratio:>6.3f}")
+            + ("" if over is None or ratio is None else f"{over:>+11,.0f}  {ratio:>8.3f}")
         )
     return "\n".join(lines), rows
 
@@ -225,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("valgrind not found: install it (Debian: apt-get install valgrind)")
     per_unit = measure(variants, warmup=args.warmup, units=units, url=url)
     if args.price_list:
-        text, rows = report({PRICES[k]: v for k, v in per_unit.items()}, PRICES["noop"], 56)
+        text, rows = report(
+            {PRICES[k]: v for k, v in per_unit.items()}, PRICES["noop"], "no-op", 56
+        )
         print("one call, no database: client instructions")
     else:
         text, rows = report(per_unit)
