@@ -68,6 +68,16 @@ async def backend_pid(db: ResilientEngine) -> int:
 # -- retry granularity ---------------------------------------------------------------------
 
 
+@pytest.fixture
+async def killed(ledger: AsyncEngine, witness: Witness) -> ResilientEngine:
+    """An engine whose pooled connection lost its backend: the next statement on it
+    fails with a lost connection (retried, or not, alone)."""
+    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
+    await witness.terminate(await backend_pid(db))
+    await witness.wait_sessions(0)
+    return db
+
+
 async def test_a_read_outside_a_transaction_is_retried_alone(
     ledger: AsyncEngine, witness: Witness
 ) -> None:
@@ -83,43 +93,34 @@ async def test_a_read_outside_a_transaction_is_retried_alone(
 
 
 async def test_a_write_outside_a_transaction_is_not_retried_alone(
-    ledger: AsyncEngine, witness: Witness
+    killed: ResilientEngine, witness: Witness
 ) -> None:
-    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
-    await witness.terminate(await backend_pid(db))
-    await witness.wait_sessions(0)
-    async with db.connect() as conn:
+    async with killed.connect() as conn:
         with pytest.raises(sa_exc.DBAPIError):
             await conn.execute(text("INSERT INTO ledger VALUES ('w', 1)"))
     assert await witness.scalar("SELECT count(*) FROM ledger") == 0
 
 
 async def test_an_idempotent_write_may_be_retried_alone(
-    ledger: AsyncEngine, witness: Witness
+    killed: ResilientEngine, witness: Witness
 ) -> None:
-    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
-    await witness.terminate(await backend_pid(db))
-    await witness.wait_sessions(0)
     upsert = text("INSERT INTO ledger VALUES ('w', 1) ON CONFLICT DO NOTHING").execution_options(
         idempotent=True
     )
-    async with db.connect() as conn:
+    async with killed.connect() as conn:
         await conn.execute(upsert)
         await conn.commit()
     assert await witness.scalar("SELECT count(*) FROM ledger") == 1
 
 
 async def test_an_idempotent_write_retried_alone_keeps_the_connections_autocommit(
-    ledger: AsyncEngine, witness: Witness
+    killed: ResilientEngine, witness: Witness
 ) -> None:
     # The retry runs on a new DBAPI connection, which SQLAlchemy does not set to the
     # connection's own isolation level again: the write would run in a transaction
     # that nothing commits, and vanish at release although execute() returned.
-    db = ResilientEngine(ledger, timeout=5, retries=2, backoff=FAST, breaker=False)
-    await witness.terminate(await backend_pid(db))
-    await witness.wait_sessions(0)
     upsert = text("INSERT INTO ledger VALUES ('w', 1) ON CONFLICT DO NOTHING")
-    async with db.connect() as conn:
+    async with killed.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         await conn.execute(upsert, execution_options={"idempotent": True})
     assert await witness.scalar("SELECT count(*) FROM ledger") == 1
