@@ -629,7 +629,7 @@ class ResilientEngine:
 
     async def _server_default_ms(self, conn: AsyncConnection) -> int:
         if self._server_statement_timeout_ms is None:
-            result = await AsyncConnection.exec_driver_sql(
+            result = await _own_sql(
                 conn, "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"
             )
             self._server_statement_timeout_ms = int(result.scalar_one())
@@ -640,19 +640,6 @@ class ResilientEngine:
         owner's current transaction only, in one statement."""
         if not self._per_transaction:
             return
-        scope = _get_scope()
-        op = None if scope is None else (scope.root or scope).telemetry
-        if op is None or op.query_text is not None:
-            await self._send_server_timeouts(owner)
-            return
-        try:
-            await self._send_server_timeouts(owner)
-        finally:
-            # Our statements are not the operation's: its query text is the next one.
-            op.query_text = None
-            op.wants_statement = op.wants_statement or op.db_operation is not None
-
-    async def _send_server_timeouts(self, owner: GuardedConnection | GuardedSession) -> None:
         conn = await _connection_of(owner)
         settings: list[tuple[str, str]] = []
         if self.server_timeouts:
@@ -675,9 +662,7 @@ class ResilientEngine:
         calls = ", ".join(
             f"set_config('{name}', ${i + 1}, true)" for i, (name, _) in enumerate(settings)
         )
-        await AsyncConnection.exec_driver_sql(
-            conn, f"SELECT {calls}", tuple(value for _, value in settings)
-        )
+        await _own_sql(conn, f"SELECT {calls}", tuple(value for _, value in settings))
         owner._statement_timeout_sent = any(name == "statement_timeout" for name, _ in settings)
 
     def _pool_usage(self) -> list[tuple[str, object, int, int, int | None]]:
@@ -776,7 +761,7 @@ class ResilientEngine:
             op.ended(scope, None)
 
     async def _capture_xid(self, owner: Any) -> int | None:
-        result = await AsyncConnection.exec_driver_sql(
+        result = await _own_sql(
             await _connection_of(owner), "SELECT pg_current_xact_id_if_assigned()::text"
         )
         value = result.scalar_one_or_none()
@@ -918,6 +903,22 @@ def _sets_transaction(statement: Any) -> bool:
     if isinstance(statement, TextClause):
         return bool(_SET_TRANSACTION.match(statement.text))
     return isinstance(statement, str) and bool(_SET_TRANSACTION.match(statement))
+
+
+async def _own_sql(conn: AsyncConnection, sql: str, parameters: Any = None) -> Any:
+    """Send one of resilient-db's own statements (server-side deadline, xid capture).
+
+    The operation it runs in learns its query text from its first statement (see
+    ``_sqla``); ours are not the caller's, so they leave that to the next one."""
+    scope = _get_scope()
+    op = None if scope is None else (scope.root or scope).telemetry
+    learner = op if op is not None and op.query_text is None else None
+    try:
+        return await AsyncConnection.exec_driver_sql(conn, sql, parameters)
+    finally:
+        if learner is not None:
+            learner.query_text = None
+            learner.wants_statement = learner.wants_statement or learner.db_operation is not None
 
 
 async def _connection_of(owner: Any) -> AsyncConnection:

@@ -292,6 +292,19 @@ async def test_a_begun_transactions_first_statement_is_its_operations_query_text
     assert attrs(operation)["db.query.text"] == "SELECT 41 + 1"
 
 
+async def test_a_commits_operation_never_takes_our_xid_capture_for_its_query_text(
+    pg_engine: AsyncEngine,
+) -> None:
+    # With verify_commits, the transaction id is read just before COMMIT, inside the
+    # COMMIT's operation: that statement is ours, not the caller's.
+    with Telemetry(query_text=True).installed() as telemetry:
+        db = ResilientEngine(pg_engine, timeout=5, retries=0, breaker=False, verify_commits=True)
+        async with db.begin() as conn:
+            await conn.execute(text("SELECT 41 + 1"))
+    (commit,) = [s for s in telemetry.spans() if attrs(s).get("db.operation.name") == "COMMIT"]
+    assert "pg_current_xact_id" not in str(attrs(commit).get("db.query.text"))
+
+
 async def test_exception_messages_never_reach_spans(
     accounts: AsyncEngine, telemetry: Telemetry
 ) -> None:
