@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench._harness import Op, Row, interleave
 from bench._otel import Telemetry
-from resilient_db import ResilientEngine
+from resilient_db import ResilientEngine, resilient
 from resilient_db._sqla import install_commit_tracking, uninstall_commit_tracking
 
 SELECT_1 = text("SELECT 1")
@@ -71,6 +71,16 @@ def engine_unit(db: ResilientEngine, statement: Any = SELECT_1) -> Op:
             return (await conn.execute(statement)).scalar()
 
     return guarded
+
+
+def guarded_units(engine: AsyncEngine) -> dict[str, Op]:
+    """Figure 1's guarded contenders on ``engine``, configured as in every figure:
+    ``@resilient(timeout=2, retries=3)`` around the raw unit, and the unit through
+    ``ResilientEngine(engine, timeout=2, retries=3)``."""
+    return {
+        "@resilient": resilient(timeout=2, retries=3)(raw_unit(engine)),
+        "ResilientEngine": engine_unit(ResilientEngine(engine, timeout=2, retries=3)),
+    }
 
 
 def glued_breaker(reset: float = 10.0, fail_max: int = 5) -> aiobreaker.CircuitBreaker:

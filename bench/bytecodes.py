@@ -33,8 +33,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench._context import pg_url_from_env
 from bench._harness import versions, write_json
-from bench._variants import engine_unit, raw_unit
-from resilient_db import ResilientEngine, resilient
+from bench._variants import guarded_units, raw_unit
 from resilient_db._sqla import install_commit_tracking, uninstall_commit_tracking
 
 Unit = Callable[[], Awaitable[Any]]
@@ -85,8 +84,7 @@ async def measure(url: str, *, units: int, warmup: int) -> dict[str, Counter[str
         variants: list[tuple[str, Unit, bool]] = [
             ("raw", raw, False),
             ("raw, listeners installed", raw, True),
-            ("@resilient", resilient(timeout=2, retries=3)(raw), True),
-            ("ResilientEngine", engine_unit(ResilientEngine(engine, timeout=2, retries=3)), True),
+            *((name, unit, True) for name, unit in guarded_units(engine).items()),
         ]
         found = {}
         try:

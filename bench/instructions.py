@@ -50,8 +50,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench._context import pg_url_from_env
 from bench._harness import versions, write_json
-from bench._variants import engine_unit, raw_unit
-from resilient_db import ResilientEngine, resilient
+from bench._variants import guarded_units, raw_unit
+from resilient_db import resilient
 from resilient_db._scope import CallScope, _reset_scope, _set_scope
 from resilient_db._sqla import uninstall_commit_tracking
 
@@ -119,14 +119,11 @@ async def child(variant: str, warmup: int, units: int, url: str) -> None:
         return
     engine = create_async_engine(url)
     try:
-        raw = raw_unit(engine)
         if variant == "raw":
             uninstall_commit_tracking()
-            unit = raw
-        elif variant == "@resilient":
-            unit = resilient(timeout=2, retries=3)(raw)
-        elif variant == "ResilientEngine":
-            unit = engine_unit(ResilientEngine(engine, timeout=2, retries=3))
+            unit = raw_unit(engine)
+        elif variant in VARIANTS:
+            unit = guarded_units(engine)[variant]
         else:
             raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
         for _ in range(warmup + units):

@@ -41,9 +41,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import resilient_db
 from bench._context import pg_url_from_env
 from bench._harness import versions, write_json
-from bench._variants import engine_unit, raw_unit
+from bench._variants import guarded_units
 from bench.bytecodes import trace
-from resilient_db import ResilientEngine, resilient
 
 Unit = Callable[[], Awaitable[Any]]
 
@@ -93,13 +92,9 @@ async def generic_loads(unit: Unit, *, units: int, warmup: int) -> list[dict[str
 async def measure(url: str, *, units: int, warmup: int) -> dict[str, list[dict[str, Any]]]:
     engine = create_async_engine(url)
     try:
-        variants: dict[str, Unit] = {
-            "@resilient": resilient(timeout=2, retries=3)(raw_unit(engine)),
-            "ResilientEngine": engine_unit(ResilientEngine(engine, timeout=2, retries=3)),
-        }
         return {
             name: await generic_loads(unit, units=units, warmup=warmup)
-            for name, unit in variants.items()
+            for name, unit in guarded_units(engine).items()
         }
     finally:
         await engine.dispose()
