@@ -50,6 +50,10 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 from sqlalchemy.ext.asyncio.base import asyncstartablecontext
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.functions import FunctionElement
 
 from . import _instrument
 from . import _validate as v
@@ -92,7 +96,23 @@ _WRITES_SQL = re.compile(
 
 
 def is_read_only(statement: Any, execution_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether a statement may be retried on its own (read-only, or declared idempotent)."""
+    """Whether a statement may be retried on its own (read-only, or declared idempotent).
+
+    A ``SELECT`` is read-only unless it locks (``FOR UPDATE``/``FOR SHARE``,
+    anywhere in it) or writes: through a data-modifying CTE (``insert(...).cte()``),
+    or by calling ``nextval``, ``setval`` or an advisory-lock function. A textual
+    statement is judged by its words. Functions of your own that write cannot be
+    seen: declare such statements ``idempotent`` or not, as they are."""
+    return (
+        _may_retry_alone(statement, execution_options)
+        and _writes_where_unseen(statement, execution_options) is None
+    )
+
+
+def _may_retry_alone(statement: Any, execution_options: Mapping[str, Any] | None) -> bool:
+    """:func:`is_read_only` at the price of every statement: a ``SELECT`` by its
+    shape only (the rest, a walk through the whole statement, is
+    :func:`_writes_where_unseen`, judged only when a retry is about to happen)."""
     # What the statement is first (reads are the common case), its options second.
     # Exact types before isinstance: a TextClause is no Select, but asking costs a
     # walk up its long MRO.
@@ -110,6 +130,33 @@ def is_read_only(statement: Any, execution_options: Mapping[str, Any] | None = N
                 verdict = _judge_text(sql)
             if verdict:
                 return True
+    return _declared_idempotent(statement, execution_options)
+
+
+def _writes_where_unseen(statement: Any, execution_options: Mapping[str, Any] | None) -> str | None:
+    """Why a ``SELECT`` whose shape reads only may still write or lock — found by
+    walking the whole statement — unless declared idempotent; ``None`` if not."""
+    if not isinstance(statement, Select) or _declared_idempotent(statement, execution_options):
+        return None
+    for element in visitors.iterate(statement):
+        if isinstance(element, UpdateBase):
+            return "the SELECT writes through a data-modifying CTE"
+        if isinstance(element, Select) and element._for_update_arg is not None:
+            return "the SELECT locks rows (FOR UPDATE/FOR SHARE in a subquery)"
+        if isinstance(element, FunctionElement):
+            name = getattr(element, "name", "")
+            if isinstance(name, str) and _WRITES_SQL.fullmatch(name):
+                return f"the SELECT calls {name}()"
+        elif isinstance(element, TextClause | ColumnClause) and (
+            isinstance(element, TextClause) or element.is_literal
+        ):
+            sql = element.text if isinstance(element, TextClause) else element.name
+            if _WRITES_SQL.search(sql):
+                return f"the SELECT holds SQL text that writes or locks: {sql!r}"
+    return None
+
+
+def _declared_idempotent(statement: Any, execution_options: Mapping[str, Any] | None) -> bool:
     if execution_options and execution_options.get("idempotent") is True:
         return True
     options = getattr(statement, "_execution_options", None)
@@ -551,7 +598,7 @@ class ResilientEngine:
             if self.pool_bulkhead and owner._is_session:
                 self._check_pool_capacity()  # this statement will check a connection out
             if read_only is None:
-                read_only = is_read_only(statement, options)
+                read_only = _may_retry_alone(statement, options)
             if read_only:
                 # Only a statement that opens its transaction may be retried alone.
                 return await self._read._invoke(  # type: ignore[no-any-return]
@@ -875,10 +922,28 @@ async def _after_server_timeouts(
     return await fn(*args, **kwargs)
 
 
-async def _retry_alone(fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, **kwargs: Any) -> T:
-    """A later attempt of a statement retried on its own (it opened its transaction):
-    roll back what the failed attempt left first — its (single-statement)
-    transaction aborted, or its connection invalidated."""
+class _RetryAlone:
+    """The later attempts of a statement retried on its own (it opened its
+    transaction), unless it turns out to write after all (see ``_Again``)."""
+
+    __slots__ = ()
+
+    def refuses(self, statement: Any, kwargs: Mapping[str, Any]) -> str | None:
+        return _writes_where_unseen(statement, kwargs.get("execution_options"))
+
+    def __call__(
+        self, fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, **kwargs: Any
+    ) -> Awaitable[T]:
+        return _again_alone(fn, owner, *args, **kwargs)
+
+
+_retry_alone: Final = _RetryAlone()
+
+
+async def _again_alone(fn: Callable[..., Awaitable[T]], owner: Any, *args: Any, **kwargs: Any) -> T:
+    """A later attempt of a statement retried on its own: roll back what the failed
+    attempt left first — its (single-statement) transaction aborted, or its
+    connection invalidated."""
     if owner._in_transaction():
         if isinstance(owner, AsyncSession):
             await AsyncSession.rollback(owner)

@@ -31,7 +31,17 @@ import os
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
-from typing import Any, Final, Literal, NoReturn, ParamSpec, TypeVar, cast, overload
+from typing import (
+    Any,
+    Final,
+    Literal,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from . import _instrument
 from . import _validate as v
@@ -451,13 +461,14 @@ class Policy:
         label: Any = None,
         target: DatabaseTarget | None = None,
         statement: Any = _NO_STATEMENT,
-        again: Callable[..., Awaitable[Any]] | None = None,
+        again: _Again | None = None,
     ) -> Any:
         """Run ``fn`` under the policy. ``label``, ``target`` and ``statement`` only
         describe the operation to instrumentation (the engine wrapper passes them).
         ``again``: what the attempts after the first call instead, as
         ``again(fn, *args, **kwargs)`` (the engine's statements retried alone roll
-        back what the failed attempt left first)."""
+        back what the failed attempt left first); it may still refuse a retry once
+        the first attempt failed (see :class:`_Again`)."""
         outer = _get_scope()
         if outer is not None and outer.in_call:
             return await self._invoke_nested(outer, fn, args, kwargs)
@@ -500,6 +511,11 @@ class Policy:
                     self._warn_cancelled_commit(scope, name)
                     raise
                 retry, reason = self._should_retry(scope, exc)
+                if retry and again is not None:
+                    refusal = again.refuses(statement, kwargs)
+                    if refusal is not None:
+                        exc.add_note(f"resilient_db: not retried: {refusal}")
+                        retry = False
                 if not retry:
                     self._raise_final(scope, exc, name)
                 failure = exc
@@ -733,6 +749,20 @@ class Policy:
     def _warn_cancelled_commit(self, scope: CallScope, name: str = "call") -> None:
         if scope.attempt.unsafe_commits():
             _instrument.commit_outcome_unknown(scope, name, None, None, cancelled=True)
+
+
+class _Again(Protocol):
+    """What runs a call's attempts after the first (see :meth:`Policy._invoke`)."""
+
+    def __call__(
+        self, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+    ) -> Awaitable[Any]: ...
+
+    def refuses(self, statement: Any, kwargs: Mapping[str, Any]) -> str | None:
+        """Why the call must not run again after all, judged once its first attempt
+        failed with a retryable error (a check too costly for every call); ``None``
+        to retry."""
+        ...
 
 
 class _Continuation:

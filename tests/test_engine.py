@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 from conftest import Witness
-from sqlalchemy import event, make_url, select, text
+from sqlalchemy import (
+    column,
+    event,
+    func,
+    insert,
+    literal_column,
+    make_url,
+    select,
+    table,
+    text,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -124,6 +134,21 @@ async def test_an_idempotent_write_retried_alone_keeps_the_connections_autocommi
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         await conn.execute(upsert, execution_options={"idempotent": True})
     assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+
+
+async def test_a_select_that_writes_through_a_cte_is_not_retried_alone(
+    killed: ResilientEngine, witness: Witness
+) -> None:
+    # Shaped like a read, it writes: retried after a lost connection in AUTOCOMMIT,
+    # it would insert a second time whenever the first attempt had committed.
+    ledger_table = table("ledger", column("key"), column("amount"))
+    written = insert(ledger_table).values(key="w", amount=1).returning(ledger_table.c.key)
+    async with killed.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        with pytest.raises(sa_exc.DBAPIError) as raised:
+            await conn.execute(select(written.cte("written").c.key))
+    assert "data-modifying CTE" in "\n".join(raised.value.__notes__)
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 0
 
 
 async def test_a_statement_inside_a_transaction_is_never_retried_alone(
@@ -770,6 +795,35 @@ async def test_select_statements_are_detected_as_read_only() -> None:
     assert not is_read_only(text("SELECT nextval('s')"))
     assert not is_read_only(text("UPDATE t SET x = 1"))
     assert is_read_only(text("UPDATE t SET x = 1").execution_options(idempotent=True))
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["cte in FROM", "add_cte", "cte in WHERE", "nextval()", "literal nextval", "locking subquery"],
+)
+async def test_a_select_that_writes_or_locks_anywhere_is_not_read_only(where: str) -> None:
+    from resilient_db import is_read_only
+
+    t = table("t", column("id"), column("x"))
+    cte = insert(t).values(x=1).returning(t.c.id).cte("written")
+    statement = {
+        "cte in FROM": select(cte.c.id),
+        "add_cte": select(t.c.id).add_cte(cte),
+        "cte in WHERE": select(t.c.id).where(t.c.id.in_(select(cte.c.id))),
+        "nextval()": select(func.nextval("s")),
+        "literal nextval": select(literal_column("nextval('s')")),
+        "locking subquery": select(select(t.c.id).with_for_update().subquery().c.id),
+    }[where]
+    assert not is_read_only(statement)
+    assert is_read_only(statement, {"idempotent": True})
+
+
+async def test_a_select_with_functions_subqueries_and_text_is_still_read_only() -> None:
+    from resilient_db import is_read_only
+
+    t = table("t", column("id"), column("x"))
+    inner = select(t.c.id).where(text("x > 1")).subquery()
+    assert is_read_only(select(func.count()).select_from(inner))
 
 
 async def test_the_commit_of_conn_begin_is_tracked_like_db_begin(

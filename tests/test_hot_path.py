@@ -26,7 +26,7 @@ UNAVOIDABLE = {
     ("AttemptTimer.__init__", "cancelling"),
     # Attributes of SQLAlchemy's objects: its execution context, a TextClause.
     ("_wrap_statement.<locals>.run_statement", "root_connection"),
-    ("is_read_only", "text"),
+    ("_may_retry_alone", "text"),
 }
 """(function, name) of the generic loads allowed on the hot path, with why."""
 
