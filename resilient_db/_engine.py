@@ -577,11 +577,14 @@ class ResilientEngine:
         owner._busy = True
         try:
             label = fn
-            if owner._server_timeouts_pending and not _sets_transaction(statement):
+            if (
+                owner._server_timeouts_pending is not None
+                and not _sets_transaction(statement)
+                and _take_pending(owner)
+            ):
                 # The transaction's first statement: the server-side deadline goes
                 # first, under the statement's guard (a frozen server, or a pool with
                 # no idle connection for a session, holds it like the statement).
-                owner._server_timeouts_pending = False
                 fn = functools.partial(_after_server_timeouts, self, owner, fn)
             scope = _get_scope()
             if scope is not None and scope.in_call:
@@ -761,11 +764,24 @@ class ResilientEngine:
             # What goes before the COMMIT is bounded with it: on a frozen server the
             # settings or the xid capture hang like the COMMIT would.
             nonlocal xid
-            if owner._server_timeouts_pending:
-                owner._server_timeouts_pending = False
-                await self._apply_server_timeouts(owner)
-            if self.verify_commits and self._is_pg and owner._in_transaction():
-                xid = await self._capture_xid(owner)
+            pending = owner._server_timeouts_pending is not None and _take_pending(owner)
+            verify = self.verify_commits and self._is_pg and owner._in_transaction()
+            if not owner._is_session:
+                # No guarded statement ran yet (pending): only the COMMIT will be sent,
+                # nothing for the settings to bound.
+                if verify:
+                    xid = await self._capture_xid(owner)
+            else:
+                if pending and _has_changes(owner):
+                    # The flush inside COMMIT sends the transaction's first statements.
+                    await self._apply_server_timeouts(owner)
+                if verify:
+                    # Flush first: the transaction id read before the flush inside
+                    # COMMIT would be NULL ("nothing written") for the ORM writes that
+                    # flush sends, and a lost COMMIT then be retried into a duplicate.
+                    await AsyncSession.flush(owner)
+                    if _has_connection(owner):  # else: nothing was sent, nothing to lose
+                        xid = await self._capture_xid(owner)
             await raw_commit()
 
         try:
@@ -1074,7 +1090,8 @@ class GuardedConnection(AsyncConnection):
     _db: ResilientEngine
     _is_session: ClassVar[bool] = False
     _busy: bool
-    _server_timeouts_pending: bool
+    _server_timeouts_pending: object | None
+    """The transaction waiting for its server-side settings (see ``_take_pending``)."""
     _statement_timeout_sent: bool
     """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
 
@@ -1084,12 +1101,16 @@ class GuardedConnection(AsyncConnection):
         _CONNECTION_INIT(self, async_engine, sync_connection)
         self._db = db
         self._busy = False
-        self._server_timeouts_pending = False
+        self._server_timeouts_pending = None
         self._statement_timeout_sent = False
 
     def _in_transaction(self) -> bool:
         sync = self.sync_connection
         return sync is not None and sync.in_transaction()
+
+    def _current_transaction(self) -> object | None:
+        sync = self.sync_connection
+        return None if sync is None else sync.get_transaction()
 
     if not TYPE_CHECKING:
 
@@ -1228,9 +1249,32 @@ class _GuardedSessionTransaction(_GuardedBlock, AsyncSessionTransaction):
 def _transaction_begun(owner: GuardedConnection | GuardedSession) -> None:
     """An explicit transaction started on ``owner``: the server-side settings are sent
     just before its first statement that is not SET TRANSACTION (which PostgreSQL
-    only accepts before any query); none of ours was sent yet."""
-    owner._server_timeouts_pending = owner._db._per_transaction
+    only accepts before any query); none of ours was sent yet.
+
+    Pending for *that* transaction only (see :func:`_take_pending`): one rolled back
+    before any statement must not hand its settings to the next, implicit one."""
+    if owner._db._per_transaction:
+        owner._server_timeouts_pending = owner._current_transaction()
     owner._statement_timeout_sent = False
+
+
+def _take_pending(owner: GuardedConnection | GuardedSession) -> bool:
+    """Whether the owner's current transaction still waits for its server-side
+    settings (clearing the mark: the caller sends them)."""
+    pending = owner._server_timeouts_pending
+    owner._server_timeouts_pending = None
+    return pending is not None and pending is owner._current_transaction()
+
+
+def _has_changes(session: AsyncSession) -> bool:
+    """Whether the session's flush would send anything."""
+    return bool(session.new) or bool(session.deleted) or session.identity_map.check_modified()
+
+
+def _has_connection(session: AsyncSession) -> bool:
+    """Whether the session's transaction holds a connection (has sent anything)."""
+    connections = getattr(session.sync_session.get_transaction(), "_connections", None)
+    return connections is None or bool(connections)
 
 
 async def _exit_guarded(
@@ -1285,18 +1329,22 @@ class GuardedSession(AsyncSession):
     _is_session: ClassVar[bool] = True
     # Set on the instance, no class-level defaults (see GuardedConnection).
     _busy: bool
-    _server_timeouts_pending: bool
+    _server_timeouts_pending: object | None
+    """The transaction waiting for its server-side settings (see ``_take_pending``)."""
     _statement_timeout_sent: bool
     """Whether this transaction got a ``statement_timeout`` from us (see ``_translate``)."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._busy = False
-        self._server_timeouts_pending = False
+        self._server_timeouts_pending = None
         self._statement_timeout_sent = False
 
     def _in_transaction(self) -> bool:
         return self.sync_session.in_transaction()
+
+    def _current_transaction(self) -> object | None:
+        return self.sync_session.get_transaction()
 
     if not TYPE_CHECKING:
 

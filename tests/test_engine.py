@@ -252,6 +252,34 @@ async def test_lost_commit_ack_is_verified_as_committed(
     assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'pay-2'") == 1
 
 
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Entry(_Base):
+    __tablename__ = "ledger"
+    key: Mapped[str] = mapped_column(primary_key=True)
+    amount: Mapped[int | None]
+
+
+async def test_lost_commit_ack_of_an_orm_write_flushed_at_commit_is_verified(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    # The INSERT is sent by the flush inside COMMIT, after the transaction id is
+    # read: an id read before the flush is NULL, "nothing written", and a retry
+    # would write the row twice.
+    db = ResilientEngine(
+        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
+    )
+
+    async def add(session: AsyncSession) -> None:
+        session.add(_Entry(key="orm-1", amount=1))
+
+    proxy.add_toxic(DropCommitAck(count=1))
+    await db.run_transaction(add)  # verified as committed
+    assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'orm-1'") == 1
+
+
 async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
     proxied: AsyncEngine, proxy: ChaosProxy
 ) -> None:
@@ -847,3 +875,38 @@ async def test_conn_begin_sends_the_server_side_deadline(ledger: AsyncEngine) ->
     assert setting not in (None, "0")  # SET LOCAL from the remaining time
     async with db.connect() as conn:  # and nothing leaks to the next checkout
         assert (await conn.execute(text("SHOW statement_timeout"))).scalar() == "0"
+
+
+@pytest.mark.parametrize("verify_commits", [False, True])
+async def test_an_empty_session_transaction_sends_nothing(
+    ledger: AsyncEngine, verify_commits: bool
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False, verify_commits=verify_commits)
+    seen = count_statements(ledger)
+    async with db.sessionmaker().begin():
+        pass
+    assert seen == []
+    assert ledger.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_an_empty_connection_transaction_sends_only_its_commit(ledger: AsyncEngine) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    seen = count_statements(ledger)
+    async with db.begin():
+        pass
+    assert seen == []
+
+
+async def test_a_rolled_back_empty_transaction_leaves_no_settings_to_the_next(
+    ledger: AsyncEngine,
+) -> None:
+    # The settings wait for the first statement of the transaction begun; rolled
+    # back before any, they must not go ahead of the next, implicit transaction's
+    # statement (which could then no longer be retried alone).
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    seen = count_statements(ledger)
+    async with db.sessionmaker()() as session:
+        transaction = await session.begin()
+        await transaction.rollback()
+        await session.execute(text("SELECT 1"))
+    assert seen == ["SELECT 1"]
