@@ -1360,6 +1360,24 @@ class GuardedSession(AsyncSession):
                 self, None, True, None, AsyncSession.get, (self, *args), kw
             )
 
+        async def connection(self, bind_arguments=None, execution_options=None, **kw):
+            # Checking out (and beginning) under the guard, like a statement; the
+            # connection comes back guarded, so what is sent through it is too.
+            conn = await self._db._guard(
+                self,
+                None,
+                False,
+                None,
+                AsyncSession.connection,
+                (self, bind_arguments, execution_options),
+                kw,
+            )
+            if isinstance(conn, GuardedConnection):
+                return conn
+            # Registered as the sync connection's proxy, so later calls (and
+            # SQLAlchemy's own lookups) find this one.
+            return GuardedConnection(conn.engine, conn.sync_connection, self._db)
+
         async def get_one(self, *args, **kw):
             return await self._db._guard(
                 self, None, True, None, AsyncSession.get_one, (self, *args), kw

@@ -348,10 +348,34 @@ async def test_300_random_cancellations_leave_no_session_and_no_duplicate(
 # -- deadlines reach the server ----------------------------------------------------------
 
 
+async def test_statements_through_a_sessions_connection_are_guarded(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False)
+    async with db.sessionmaker()() as session:
+        conn = await session.connection()
+        started = time.monotonic()
+        with pytest.raises(TimeoutExceeded):
+            await conn.execute(text("SELECT pg_sleep(5)"))
+        assert time.monotonic() - started < 3  # not the 5 s the server would take
+    for _ in range(40):  # and the server stopped it too
+        sleeping = [
+            s
+            for s in await witness.other_sessions()
+            if s["state"] == "active" and "pg_sleep" in s["query"]
+        ]
+        if not sleeping:
+            break
+        await asyncio.sleep(0.05)
+    assert sleeping == []
+
+
 async def test_server_ends_a_statement_past_the_deadline_and_the_connection_is_kept(
     ledger: AsyncEngine,
 ) -> None:
-    db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False)
+    # A margin wide enough for a noisy host: the server's 57014 must win the race
+    # against the client's timer for the connection to be kept.
+    db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False, server_timeout_margin=0.25)
     before = await backend_pid(db)
 
     async def sleepy(session: AsyncSession) -> None:
