@@ -1137,6 +1137,10 @@ class GuardedConnection(AsyncConnection):
             assert self._proxied
             return _GuardedTransaction(self)
 
+        def begin_nested(self) -> AsyncTransaction:
+            assert self._proxied
+            return _GuardedTransaction(self, nested=True)
+
         def execute(self, statement, parameters=None, *, execution_options=None):
             # A plain function returning the guard's coroutine: one coroutine layer
             # less for every statement (awaiting it is the same).
@@ -1195,8 +1199,11 @@ class _GuardedBlock:
     ``db.begin()``: the server-side deadline when the transaction starts, its COMMIT
     through the engine's tracking, and a block exit that commits that way.
 
+    A nested one (``begin_nested()``) sends SAVEPOINT and RELEASE SAVEPOINT as
+    statements of the transaction: under the owner's guard, like its statements.
+
     Mixed into a subclass of the SQLAlchemy class named by ``_sqlalchemy``, whose
-    own methods run everything else (nested transactions, unguarded owners)."""
+    own methods run everything else (rollbacks, unguarded owners)."""
 
     __slots__ = ()
 
@@ -1207,19 +1214,30 @@ class _GuardedBlock:
             raise NotImplementedError
 
         async def start(self, is_ctxmanager: bool = False) -> Any:
-            await self._sqlalchemy.start(self, is_ctxmanager)
             owner = self._guarded_owner()
-            if owner is not None and not self.nested:
+            sqlalchemy_start = self._sqlalchemy.start
+            if owner is None:
+                await sqlalchemy_start(self, is_ctxmanager)
+            elif self.nested:
+                await owner._db._guard(
+                    owner, None, False, None, sqlalchemy_start, (self, is_ctxmanager), _NO_KWARGS
+                )
+            else:
+                await sqlalchemy_start(self, is_ctxmanager)
                 _transaction_begun(owner)
             return self
 
         async def commit(self) -> None:
             owner = self._guarded_owner()
             sqlalchemy_commit = self._sqlalchemy.commit
-            if self.nested or owner is None:
+            if owner is None:
                 await sqlalchemy_commit(self)
-                return
-            await owner._db._commit(owner, lambda: sqlalchemy_commit(self))
+            elif self.nested:
+                await owner._db._guard(
+                    owner, None, False, None, sqlalchemy_commit, (self,), _NO_KWARGS
+                )
+            else:
+                await owner._db._commit(owner, lambda: sqlalchemy_commit(self))
 
         async def __aexit__(self, type_, value, traceback) -> None:
             await _exit_guarded(self, self._sqlalchemy.__aexit__, type_, value, traceback)
@@ -1280,11 +1298,11 @@ def _has_connection(session: AsyncSession) -> bool:
 async def _exit_guarded(
     transaction: Any, sqlalchemy_exit: Callable[..., Awaitable[None]], *exc_info: Any
 ) -> None:
-    """``__aexit__`` of a guarded transaction block: on success, COMMIT through the
-    transaction's own (guarded) ``commit``; then SQLAlchemy's exit, which after our
-    COMMIT only restores its transaction bookkeeping (without it the session or
-    connection refuses every later statement), and otherwise rolls back."""
-    if exc_info[0] is None and not transaction.nested and transaction.is_active:
+    """``__aexit__`` of a guarded transaction block: on success, COMMIT (or RELEASE
+    SAVEPOINT) through the transaction's own (guarded) ``commit``; then SQLAlchemy's
+    exit, which after that only restores its transaction bookkeeping (without it the
+    session or connection refuses every later statement), and otherwise rolls back."""
+    if exc_info[0] is None and transaction.is_active:
         try:
             await transaction.commit()
         except BaseException as exc:
@@ -1350,6 +1368,9 @@ class GuardedSession(AsyncSession):
 
         def begin(self) -> AsyncSessionTransaction:
             return _GuardedSessionTransaction(self)
+
+        def begin_nested(self) -> AsyncSessionTransaction:
+            return _GuardedSessionTransaction(self, nested=True)
 
         execute = _session_statement(AsyncSession.execute)
         scalar = _session_statement(AsyncSession.scalar)

@@ -444,6 +444,71 @@ async def test_what_a_begun_transactions_first_statement_sends_first_is_bounded_
     assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
 
 
+async def _savepoint_on_a_frozen_server(db: ResilientEngine, proxy: ChaosProxy) -> None:
+    async with db.connect() as conn, conn.begin():
+        await conn.execute(text("SELECT 1"))
+        proxy.half_open()
+        await conn.begin_nested()
+
+
+async def _flush_at_session_savepoint_on_a_frozen_server(
+    db: ResilientEngine, proxy: ChaosProxy
+) -> None:
+    # session.begin_nested() flushes first (its SAVEPOINT waits for a statement).
+    async with db.sessionmaker()() as session, session.begin():
+        await session.execute(text("SELECT 1"))
+        session.add(_Entry(key="s", amount=1))
+        proxy.half_open()
+        await session.begin_nested()
+
+
+async def _release_on_a_frozen_server(db: ResilientEngine, proxy: ChaosProxy) -> None:
+    async with db.connect() as conn, conn.begin(), conn.begin_nested():
+        await conn.execute(text("SELECT 1"))
+        proxy.half_open()
+
+
+@pytest.mark.parametrize(
+    "sends",
+    [
+        _savepoint_on_a_frozen_server,
+        _flush_at_session_savepoint_on_a_frozen_server,
+        _release_on_a_frozen_server,
+    ],
+    ids=["SAVEPOINT", "flush at session SAVEPOINT", "RELEASE SAVEPOINT"],
+)
+async def test_savepoints_are_bounded_like_statements(
+    proxied: AsyncEngine, proxy: ChaosProxy, sends: Any
+) -> None:
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        with pytest.raises(TimeoutExceeded):
+            await sends(db, proxy)
+    elapsed = time.monotonic() - started
+    proxy.half_open(False)
+    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+
+
+async def test_a_savepoint_block_releases_and_its_rows_commit_with_the_transaction(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+
+    async def undone(session: AsyncSession) -> None:
+        async with session.begin_nested():
+            await session.execute(text("INSERT INTO ledger VALUES ('undone', 1)"))
+            raise ZeroDivisionError
+
+    async with db.sessionmaker().begin() as session:
+        async with session.begin_nested():
+            await session.execute(text("INSERT INTO ledger VALUES ('kept', 1)"))
+        with pytest.raises(ZeroDivisionError):
+            await undone(session)
+    rows = await witness.conn.fetch("SELECT key FROM ledger ORDER BY key")
+    assert [r["key"] for r in rows] == ["kept"]
+
+
 async def test_a_server_timeout_in_the_flush_at_commit_is_our_timeout_error(
     ledger: AsyncEngine,
 ) -> None:
