@@ -64,7 +64,7 @@ from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
 from ._instrument import _STATE, DatabaseTarget, PoolCheckout, _Operation
 from ._policy import DEFAULT, Policy, _Default
 from ._scope import CallScope, CommitRecord, CommitStatus, _get_scope, _reset_scope, _set_scope
-from ._sqla import track_dialect
+from ._sqla import XID_READER, track_dialect
 from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
@@ -758,31 +758,28 @@ class ResilientEngine:
                 op.attempt_started(scope, None, None)
         attempt = scope.attempt
         before = len(attempt.commits) if attempt.commits else 0
-        xid: int | None = None
 
         async def commit() -> None:
             # What goes before the COMMIT is bounded with it: on a frozen server the
-            # settings or the xid capture hang like the COMMIT would.
-            nonlocal xid
+            # settings hang like the COMMIT would. A connection with no guarded
+            # statement yet (pending) sends only its COMMIT: nothing to bound. A
+            # session's flush inside COMMIT sends its transaction's first statements.
             pending = owner._server_timeouts_pending is not None and _take_pending(owner)
-            verify = self.verify_commits and self._is_pg and owner._in_transaction()
-            if not owner._is_session:
-                # No guarded statement ran yet (pending): only the COMMIT will be sent,
-                # nothing for the settings to bound.
-                if verify:
-                    xid = await self._capture_xid(owner)
-            else:
-                if pending and _has_changes(owner):
-                    # The flush inside COMMIT sends the transaction's first statements.
-                    await self._apply_server_timeouts(owner)
-                if verify:
-                    # Flush first: the transaction id read before the flush inside
-                    # COMMIT would be NULL ("nothing written") for the ORM writes that
-                    # flush sends, and a lost COMMIT then be retried into a duplicate.
-                    await AsyncSession.flush(owner)
-                    if _has_connection(owner):  # else: nothing was sent, nothing to lose
-                        xid = await self._capture_xid(owner)
-            await raw_commit()
+            if pending and owner._is_session and _has_changes(owner):
+                await self._apply_server_timeouts(owner)
+            if not (self.verify_commits and self._is_pg):
+                await raw_commit()
+                return
+            # The transaction id is read on the COMMIT's own connection just before
+            # the COMMIT is sent (see _sqla.XID_READER): after every flush, those of
+            # the session's `before_commit` hooks included. Read any earlier, it is
+            # NULL ("nothing written") for the ORM writes those flushes send, and a
+            # lost COMMIT would be retried into a duplicate.
+            reader = XID_READER.set(_read_xid)
+            try:
+                await raw_commit()
+            finally:
+                XID_READER.reset(reader)
 
         try:
             if token is not None:
@@ -791,6 +788,7 @@ class ResilientEngine:
                 await commit()
         except BaseException as exc:
             records = (attempt.commits or [])[before:]
+            xid = next((r.xid for r in records if r.xid is not None), None)
             try:
                 await self._settle_commit(owner, exc, records, xid, standalone=token is not None)
             except BaseException as final:
@@ -822,13 +820,6 @@ class ResilientEngine:
         if op is not None:
             op.attempt_ended(scope, op.start, None)
             op.ended(scope, None)
-
-    async def _capture_xid(self, owner: Any) -> int | None:
-        result = await _own_sql(
-            await _connection_of(owner), "SELECT pg_current_xact_id_if_assigned()::text"
-        )
-        value = result.scalar_one_or_none()
-        return None if value is None else int(value)
 
     async def _settle_commit(
         self,
@@ -987,7 +978,7 @@ def _sets_transaction(statement: Any) -> bool:
 
 
 async def _own_sql(conn: AsyncConnection, sql: str, parameters: Any = None) -> Any:
-    """Send one of resilient-db's own statements (server-side deadline, xid capture).
+    """Send one of resilient-db's own statements (the server-side deadline, the pg_settings read).
 
     The operation it runs in learns its query text from its first statement (see
     ``_sqla``); ours are not the caller's, so they leave that to the next one."""
@@ -1289,10 +1280,17 @@ def _has_changes(session: AsyncSession) -> bool:
     return bool(session.new) or bool(session.deleted) or session.identity_map.check_modified()
 
 
-def _has_connection(session: AsyncSession) -> bool:
-    """Whether the session's transaction holds a connection (has sent anything)."""
-    connections = getattr(session.sync_session.get_transaction(), "_connections", None)
-    return connections is None or bool(connections)
+def _read_xid(dbapi_connection: Any) -> int | None:
+    """The id of the transaction about to be committed on ``dbapi_connection``
+    (``NULL``: it wrote nothing). Run by the COMMIT tracking, in SQLAlchemy's sync
+    layer, on the connection the COMMIT goes to."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT pg_current_xact_id_if_assigned()::text")
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 async def _exit_guarded(

@@ -48,6 +48,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import event
@@ -58,6 +59,7 @@ from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
 from ._scope import AttemptState, CommitStatus, _get_scope
 
 __all__ = [
+    "XID_READER",
     "inner_method",
     "install_commit_tracking",
     "replace_inner_method",
@@ -72,6 +74,14 @@ _lock = threading.Lock()
 
 _WRAPPED = "_resilient_db_wrapped"
 """Key of a tracked dialect instance's ``_Wrapped`` in its ``__dict__``."""
+
+XID_READER: ContextVar[Callable[[Any], int | None] | None] = ContextVar(
+    "resilient_db_xid_reader", default=None
+)
+"""Set by the engine wrapper around a COMMIT it will verify: called with the DBAPI
+connection just before the COMMIT is sent — after every flush, ``before_commit``
+hooks included — and its answer kept as the ``CommitRecord``'s ``xid``. A context
+variable, so a task started earlier in the same unit is not asked."""
 
 _tracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
 _untracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
@@ -155,8 +165,18 @@ def _wrap_commit(inner: dict[str, Any], name: str = "do_commit") -> Callable[[An
         if registered:
             _register(dbapi_connection, attempt)
         try:
+            reader = XID_READER.get()
+            if reader is not None:
+                try:
+                    record.xid = reader(dbapi_connection)
+                except BaseException as exc:
+                    record.error = exc
+                    record.status = CommitStatus.REJECTED  # the COMMIT was not sent
+                    raise
             inner[name](dbapi_connection)
         except BaseException as exc:
+            if record.status is CommitStatus.REJECTED:
+                raise
             record.error = exc
             if is_definitive_rejection(exc):
                 record.status = CommitStatus.REJECTED

@@ -280,6 +280,34 @@ async def test_lost_commit_ack_of_an_orm_write_flushed_at_commit_is_verified(
     assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'orm-1'") == 1
 
 
+async def test_lost_commit_ack_of_a_write_made_by_a_before_commit_hook_is_verified(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+) -> None:
+    # An audit row added by a `before_commit` hook is flushed inside COMMIT, after
+    # anything the wrapper could send before calling it: the transaction id must be
+    # read at the COMMIT itself, or it is NULL and the lost COMMIT is retried.
+    db = ResilientEngine(
+        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
+    )
+    attempts = 0
+
+    async def read_then_audit(session: AsyncSession) -> None:
+        nonlocal attempts
+        attempts += 1
+        await session.execute(text("SELECT count(*) FROM accounts"))
+        n = attempts
+
+        def audit(sync_session: Any) -> None:
+            sync_session.add(_Entry(key=f"audit-{n}", amount=1))
+
+        event.listen(session.sync_session, "before_commit", audit)
+
+    proxy.add_toxic(DropCommitAck(count=1))
+    await db.run_transaction(read_then_audit)  # verified as committed
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+    assert attempts == 1
+
+
 async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
     proxied: AsyncEngine, proxy: ChaosProxy
 ) -> None:
