@@ -978,7 +978,8 @@ def _sets_transaction(statement: Any) -> bool:
 
 
 async def _own_sql(conn: AsyncConnection, sql: str, parameters: Any = None) -> Any:
-    """Send one of resilient-db's own statements (the server-side deadline, the pg_settings read).
+    """Send one of resilient-db's own statements (the server-side deadline, the
+    ``pg_settings`` read).
 
     The operation it runs in learns its query text from its first statement (see
     ``_sqla``); ours are not the caller's, so they leave that to the next one."""
