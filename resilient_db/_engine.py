@@ -89,7 +89,7 @@ T = TypeVar("T")
 
 _READ_ONLY_SQL = re.compile(r"^\s*(select|with|show|values|table|explain)\b", re.IGNORECASE)
 _WRITES_SQL = re.compile(
-    r"\b(insert|update|delete|merge|nextval|setval|pg_advisory\w*|lock|for\s+update|"
+    r"\b(insert|update|delete|merge|nextval|setval|pg_(?:try_)?advisory\w*|lock|for\s+update|"
     r"for\s+share|for\s+no\s+key\s+update|for\s+key\s+share|into)\b",
     re.IGNORECASE,
 )
@@ -145,7 +145,7 @@ def _writes_where_unseen(statement: Any, execution_options: Mapping[str, Any] | 
             return "the SELECT locks rows (FOR UPDATE/FOR SHARE in a subquery)"
         if isinstance(element, FunctionElement):
             name = getattr(element, "name", "")
-            if isinstance(name, str) and _WRITES_SQL.fullmatch(name):
+            if isinstance(name, str) and _WRITING_FUNCTIONS.fullmatch(name):
                 return f"the SELECT calls {name}()"
         elif isinstance(element, TextClause | ColumnClause) and (
             isinstance(element, TextClause) or element.is_literal
@@ -154,6 +154,10 @@ def _writes_where_unseen(statement: Any, execution_options: Mapping[str, Any] | 
             if _WRITES_SQL.search(sql):
                 return f"the SELECT holds SQL text that writes or locks: {sql!r}"
     return None
+
+
+_WRITING_FUNCTIONS = re.compile(r"nextval|setval|next_value|pg_(?:try_)?advisory\w*", re.IGNORECASE)
+"""Functions whose call writes or locks (``next_value``: ``Sequence.next_value()``)."""
 
 
 def _declared_idempotent(statement: Any, execution_options: Mapping[str, Any] | None) -> bool:
@@ -1077,10 +1081,14 @@ class GuardedConnection(AsyncConnection):
     # Instance slots, not class-level defaults: on Python 3.11 an attribute that
     # also exists on the class is a generic lookup at every read, and every
     # statement reads these.
-    __slots__ = ("_busy", "_db", "_server_timeouts_pending", "_statement_timeout_sent")
+    __slots__ = ("_busy", "_db", "_server_timeouts_pending", "_session", "_statement_timeout_sent")
 
     _db: ResilientEngine
     _is_session: ClassVar[bool] = False
+    _session: GuardedSession | None
+    """The session this is the connection of (``session.connection()``): its
+    statements then share the session's state — one task at a time, the
+    transaction's server-side settings, their timeout errors."""
     _busy: bool
     _server_timeouts_pending: object | None
     """The transaction waiting for its server-side settings (see ``_take_pending``)."""
@@ -1092,6 +1100,7 @@ class GuardedConnection(AsyncConnection):
     ):
         _CONNECTION_INIT(self, async_engine, sync_connection)
         self._db = db
+        self._session = None
         self._busy = False
         self._server_timeouts_pending = None
         self._statement_timeout_sent = False
@@ -1136,8 +1145,9 @@ class GuardedConnection(AsyncConnection):
         def execute(self, statement, parameters=None, *, execution_options=None):
             # A plain function returning the guard's coroutine: one coroutine layer
             # less for every statement (awaiting it is the same).
+            session = self._session
             return self._db._guard(
-                self,
+                self if session is None else session,
                 statement,
                 None,
                 execution_options,
@@ -1149,8 +1159,9 @@ class GuardedConnection(AsyncConnection):
             )
 
         async def exec_driver_sql(self, statement, parameters=None, execution_options=None):
+            session = self._session
             return await self._db._guard(
-                self,
+                self if session is None else session,
                 statement,
                 None,
                 execution_options,
@@ -1164,8 +1175,9 @@ class GuardedConnection(AsyncConnection):
             # Awaited (`await conn.stream(...)`) or entered (`async with
             # conn.stream(...) as result`), as SQLAlchemy's own; `stream_scalars`
             # enters it.
+            session = self._session
             result = await self._db._guard(
-                self,
+                self if session is None else session,
                 statement,
                 None,
                 execution_options,
@@ -1381,22 +1393,32 @@ class GuardedSession(AsyncSession):
             )
 
         async def connection(self, bind_arguments=None, execution_options=None, **kw):
-            # Checking out (and beginning) under the guard, like a statement; the
-            # connection comes back guarded, so what is sent through it is too.
-            conn = await self._db._guard(
-                self,
-                None,
-                False,
-                None,
-                AsyncSession.connection,
-                (self, bind_arguments, execution_options),
-                kw,
-            )
+            # Checking out (and beginning, with the caller's options) under the
+            # guard, like a statement, but without the transaction's server-side
+            # settings: they wait for its first statement, through the session or
+            # the connection, which may still be SET TRANSACTION.
+            pending = self._server_timeouts_pending
+            self._server_timeouts_pending = None
+            try:
+                conn = await self._db._guard(
+                    self,
+                    None,
+                    False,
+                    None,
+                    AsyncSession.connection,
+                    (self, bind_arguments, execution_options),
+                    kw,
+                )
+            finally:
+                if self._server_timeouts_pending is None:
+                    self._server_timeouts_pending = pending
             if isinstance(conn, GuardedConnection):
-                return conn
+                return conn  # this one made before, or the one the session is bound to
             # Registered as the sync connection's proxy, so later calls (and
             # SQLAlchemy's own lookups) find this one.
-            return GuardedConnection(conn.engine, conn.sync_connection, self._db)
+            guarded = GuardedConnection(conn.engine, conn.sync_connection, self._db)
+            guarded._session = self
+            return guarded
 
         async def get_one(self, *args, **kw):
             return await self._db._guard(

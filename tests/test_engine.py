@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from conftest import Witness
 from sqlalchemy import (
+    Sequence,
     column,
     event,
     func,
@@ -371,6 +372,55 @@ async def test_300_random_cancellations_leave_no_session_and_no_duplicate(
     assert all(s["state"] == "idle" for s in sessions)  # pooled, none idle in transaction
     await db.dispose()
     assert await witness.wait_sessions(0) == []
+
+
+async def test_a_sessions_connection_keeps_the_isolation_level_asked_for(
+    ledger: AsyncEngine,
+) -> None:
+    # SQLAlchemy's way to set a transaction's isolation level: the options must
+    # reach the checkout, not be dropped by a checkout of ours before it.
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    async with db.sessionmaker().begin() as session:
+        conn = await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
+        level = (await conn.execute(text("SHOW transaction_isolation"))).scalar()
+        limit = (await session.execute(text("SHOW statement_timeout"))).scalar()
+    assert level == "serializable"
+    assert limit not in (None, "0")  # the settings still went, before the first statement
+
+
+async def test_set_transaction_through_a_sessions_connection_comes_first(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    async with db.sessionmaker().begin() as session:
+        conn = await session.connection()
+        await conn.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+        level = (await conn.execute(text("SHOW transaction_isolation"))).scalar()
+    assert level == "serializable"
+
+
+async def test_our_server_timeout_through_a_sessions_connection_is_our_timeout_error(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=0.6, retries=0, breaker=False, server_timeout_margin=0.3)
+    async with db.sessionmaker()() as session, session.begin():
+        conn = await session.connection()
+        with pytest.raises(AttemptTimeout) as info:
+            await conn.execute(text("SELECT pg_sleep(3)"))
+    assert "statement timeout" in str(info.value.__cause__)
+
+
+async def test_a_sessions_connection_and_the_session_are_one_task_at_a_time(
+    ledger: AsyncEngine,
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    async with db.sessionmaker()() as session:
+        conn = await session.connection()
+        busy = asyncio.create_task(session.execute(text("SELECT pg_sleep(0.3)")))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConcurrentSessionUse):
+            await conn.execute(text("SELECT 1"))
+        await busy
 
 
 # -- deadlines reach the server ----------------------------------------------------------
@@ -938,13 +988,23 @@ async def test_select_statements_are_detected_as_read_only() -> None:
     assert is_read_only(text("WITH x AS (SELECT 1) SELECT * FROM x"))
     assert not is_read_only(text("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"))
     assert not is_read_only(text("SELECT nextval('s')"))
+    assert not is_read_only(text("SELECT pg_try_advisory_lock(1)"))
     assert not is_read_only(text("UPDATE t SET x = 1"))
     assert is_read_only(text("UPDATE t SET x = 1").execution_options(idempotent=True))
 
 
 @pytest.mark.parametrize(
     "where",
-    ["cte in FROM", "add_cte", "cte in WHERE", "nextval()", "literal nextval", "locking subquery"],
+    [
+        "cte in FROM",
+        "add_cte",
+        "cte in WHERE",
+        "nextval()",
+        "Sequence.next_value()",
+        "pg_try_advisory_lock()",
+        "literal nextval",
+        "locking subquery",
+    ],
 )
 async def test_a_select_that_writes_or_locks_anywhere_is_not_read_only(where: str) -> None:
     from resilient_db import is_read_only
@@ -956,6 +1016,8 @@ async def test_a_select_that_writes_or_locks_anywhere_is_not_read_only(where: st
         "add_cte": select(t.c.id).add_cte(cte),
         "cte in WHERE": select(t.c.id).where(t.c.id.in_(select(cte.c.id))),
         "nextval()": select(func.nextval("s")),
+        "Sequence.next_value()": select(Sequence("s").next_value()),
+        "pg_try_advisory_lock()": select(func.pg_try_advisory_lock(1)),
         "literal nextval": select(literal_column("nextval('s')")),
         "locking subquery": select(select(t.c.id).with_for_update().subquery().c.id),
     }[where]
