@@ -51,6 +51,7 @@ def test_every_public_class_and_function_of_the_private_modules_is_exported() ->
         "resilient_db._scope.current_scope",
         "resilient_db._doctables.sqlite_table",
         "resilient_db._doctables.sqlstate_table",
+        "resilient_db._sqla.XID_READER",
         "resilient_db._sqla.inner_method",
         "resilient_db._sqla.install_commit_tracking",
         "resilient_db._sqla.replace_inner_method",
