@@ -60,15 +60,24 @@ from . import _validate as v
 from ._abort import abort_driver_connection, pending_cancel_requests
 from ._classify import _EXIT_EXCEPTIONS, Classifier, resolve
 from ._correlation import current_correlation_id
-from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse
+from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse, TimeoutExceeded
 from ._instrument import _STATE, DatabaseTarget, PoolCheckout, _Operation
 from ._policy import DEFAULT, Policy, _Default
-from ._scope import CallScope, CommitRecord, CommitStatus, _get_scope, _reset_scope, _set_scope
+from ._scope import (
+    AttemptState,
+    CallScope,
+    CommitRecord,
+    CommitStatus,
+    _get_scope,
+    _reset_scope,
+    _set_scope,
+)
 from ._sqla import XID_READER, track_dialect
 from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff
+from .policies.timeout import AttemptTimer
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -313,6 +322,22 @@ class ResilientEngine:
         # traffic the retry budget should grow with.
         self._checkout = self._unit._derive(idempotent=True, traffic=False)
         self._once = self._unit._derive(retries=0)
+        # Cleanup (ROLLBACK, the reset on release) is bounded too, but never refused:
+        # no breaker, no bulkhead, no deadline that may already be spent.
+        unit_timeouts = self._unit._timeouts
+        cleanup_limit = unit_timeouts.timeout or unit_timeouts.deadline
+        self._cleanup_limit = cleanup_limit
+        self._cleanup = (
+            None
+            if cleanup_limit is None
+            else Policy(
+                timeout=cleanup_limit,
+                retries=0,
+                breaker=False,
+                retry_budget=None,
+                clock=self._unit.clock,
+            )
+        )
         self.verify_commits = v.boolean("verify_commits", verify_commits)
         self.server_timeouts = v.boolean("server_timeouts", server_timeouts)
         self.server_timeout_margin = v.required_seconds(
@@ -438,7 +463,7 @@ class ResilientEngine:
                 yield conn
             except BaseException:
                 if conn.in_transaction():
-                    await AsyncConnection.rollback(conn)
+                    await self._cleanup_call(AsyncConnection.rollback, conn)
                 raise
             await conn.commit()
 
@@ -560,6 +585,65 @@ class ResilientEngine:
         await self.engine_for_loop().dispose()
 
     # -- guards ---------------------------------------------------------------------------
+
+    async def _release(self, close: Callable[[Any], Awaitable[None]], owner: Any) -> None:
+        """Close a session: its ROLLBACK bounded as cleanup (see
+        :meth:`_release_connection`)."""
+        try:
+            await self._cleanup_call(close, owner)
+        except TimeoutExceeded as exc:
+            _release_timed_out(owner, exc)
+            with suppress(Exception):
+                # Finish the close on the invalidated connection: nothing left to send.
+                await self._cleanup_call(close, owner)
+
+    async def _release_connection(self, conn: GuardedConnection) -> None:
+        """Close a connection, its ROLLBACK (and the pool's reset) bounded by the
+        engine's timeout. Past the bound the connection is aborted at the driver and
+        discarded, not returned to the pool, and the release still succeeds: the
+        block's work is done, or rolled back with the connection.
+
+        Lighter than :meth:`_cleanup_call` (it runs at every release): the
+        connection is known, so the timer watches it directly, without a call scope
+        for the dialect's ROLLBACK to register in."""
+        limit = self._cleanup_limit
+        sync = conn.sync_connection
+        scope = _get_scope()
+        if limit is None or sync is None or (scope is not None and scope.in_call):
+            await _CONNECTION_CLOSE(conn)  # unbounded, or bounded by the unit's timer
+            return
+        attempt = AttemptState()
+        attempt.inflight = {sync: None}
+        timer = AttemptTimer(attempt, limit)
+        try:
+            await _CONNECTION_CLOSE(conn)
+        except BaseException as exc:
+            if not timer.settle(exc):
+                raise
+            _release_timed_out(conn, self._unit._timeouts.expired(limit, False, 1))
+            with suppress(Exception):
+                await _CONNECTION_CLOSE(conn)  # on the invalidated connection: no I/O
+        else:
+            timer.settle(None)
+
+    async def _cleanup_call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(*args)`` — a rollback, a release — within the engine's timeout: on a
+        frozen server the ROLLBACK in flight is aborted at the driver (SQLAlchemy then
+        invalidates the connection) instead of hanging until TCP gives up. Inside a
+        unit of work, the unit's timer bounds it."""
+        policy = self._cleanup
+        scope = _get_scope()
+        if policy is None or (scope is not None and scope.in_call):
+            return await fn(*args)
+        own = CallScope(policy.clock, None, True)
+        token = _set_scope(own)
+        try:
+            return await policy._attempt(  # type: ignore[no-any-return]
+                own, None, None, fn, args, _NO_KWARGS
+            )
+        finally:
+            _reset_scope(token)
+            own.end()
 
     async def _guard(
         self,
@@ -916,6 +1000,15 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncConnection.rollback(owner)
 
 
+def _release_timed_out(owner: object, exc: BaseException) -> None:
+    logger.warning(
+        "releasing a %s timed out (%s): its connection was discarded",
+        type(owner).__name__,
+        exc,
+        extra={"resilient_db_event": "release_timed_out"},
+    )
+
+
 def _concurrent_use(owner: object) -> ConcurrentSessionUse:
     return ConcurrentSessionUse(
         f"this {type(owner).__name__} is already running an operation in another task; a "
@@ -1073,6 +1166,8 @@ _CONNECTION_START: Final = AsyncConnection.start
 _CONNECTION_EXECUTE: Final = AsyncConnection.execute
 _CONNECTION_STREAM: Final = AsyncConnection.stream
 _CONNECTION_EXEC_DRIVER_SQL: Final = AsyncConnection.exec_driver_sql
+_CONNECTION_ROLLBACK: Final = AsyncConnection.rollback
+_CONNECTION_CLOSE: Final = AsyncConnection.close
 
 
 class GuardedConnection(AsyncConnection):
@@ -1197,6 +1292,12 @@ class GuardedConnection(AsyncConnection):
         async def commit(self) -> None:
             await self._db._commit(self, lambda: AsyncConnection.commit(self))
 
+        async def rollback(self) -> None:
+            await self._db._cleanup_call(_CONNECTION_ROLLBACK, self)
+
+        async def close(self) -> None:
+            await self._db._release_connection(self)
+
 
 class _GuardedBlock:
     """What ``conn.begin()`` and ``session.begin()`` on a guarded owner share with
@@ -1320,9 +1421,23 @@ async def _exit_guarded(
             # Roll back (or close) what is left and restore the bookkeeping; the
             # COMMIT's own error is the news.
             with suppress(Exception):
-                await sqlalchemy_exit(transaction, type(exc), exc, exc.__traceback__)
+                await _cleanup_exit(transaction, sqlalchemy_exit, type(exc), exc, exc.__traceback__)
             raise
-    await sqlalchemy_exit(transaction, *exc_info)
+    if exc_info[0] is None:
+        await sqlalchemy_exit(transaction, *exc_info)  # bookkeeping only, after our COMMIT
+    else:
+        await _cleanup_exit(transaction, sqlalchemy_exit, *exc_info)
+
+
+async def _cleanup_exit(
+    transaction: Any, sqlalchemy_exit: Callable[..., Awaitable[None]], *exc_info: Any
+) -> None:
+    """SQLAlchemy's exit of a block that failed: its ROLLBACK, bounded as cleanup."""
+    owner = transaction._guarded_owner()
+    if owner is None:
+        await sqlalchemy_exit(transaction, *exc_info)
+    else:
+        await owner._db._cleanup_call(sqlalchemy_exit, transaction, *exc_info)
 
 
 def _session_statement(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -1449,6 +1564,12 @@ class GuardedSession(AsyncSession):
             if not self.in_transaction():
                 return
             await self._db._commit(self, lambda: AsyncSession.commit(self))
+
+        async def rollback(self) -> None:
+            await self._db._cleanup_call(AsyncSession.rollback, self)
+
+        async def close(self) -> None:
+            await self._db._release(AsyncSession.close, self)
 
 
 class ResilientSessionmaker(async_sessionmaker[GuardedSession]):

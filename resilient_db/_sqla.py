@@ -3,9 +3,10 @@ and timeouts are hard bounds.
 
 A decorated function is the unit of retry, and the decorator does not see the
 engine it uses. So resilient-db watches every SQLAlchemy dialect the process
-connects with. It wraps four methods of a dialect instance, once —
+connects with. It wraps five methods of a dialect instance, once —
 ``do_execute``, ``do_execute_no_params``, ``do_executemany`` (the DBAPI call of
-every statement) and ``do_commit`` (the DBAPI COMMIT) — for the engines that exist
+every statement), ``do_commit`` (the DBAPI COMMIT) and ``do_rollback`` (a ROLLBACK,
+the pool's reset on release included) — for the engines that exist
 when the listeners are installed (found through the garbage collector, once), for
 every engine whose pool opens a connection later (a class-level pool ``connect``
 listener: it runs once per new DBAPI connection, never on a checkout), and for the
@@ -16,7 +17,7 @@ wrapper adds one context-variable lookup. Inside one:
   when the call returns: it returned; the database answered it with an error (an
   ErrorResponse, e.g. a serialization failure detected at commit: it did not
   commit); or anything else (connection lost, cancelled, timed out) — ambiguous;
-* while an attempt has a time limit, the statement (or COMMIT) is registered as in
+* while an attempt has a time limit, the statement (COMMIT, ROLLBACK) is registered as in
   flight for the duration of the DBAPI call. When the attempt's time runs out,
   those connections are aborted at the driver level (see ``_abort``) instead of
   waiting for SQLAlchemy's graceful 2-second close;
@@ -192,6 +193,26 @@ def _wrap_commit(inner: dict[str, Any], name: str = "do_commit") -> Callable[[An
     return run_commit
 
 
+def _wrap_rollback(inner: dict[str, Any], name: str = "do_rollback") -> Callable[[Any], None]:
+    """``do_rollback``, which the pool's reset on release calls too: in flight, like
+    a statement, while an attempt timer watches (a rollback on a frozen server
+    would otherwise hang the release past any bound)."""
+
+    def run_rollback(dbapi_connection: Any) -> None:
+        scope = _get_scope()
+        if scope is None or not scope.in_call or not scope.attempt.timers:
+            inner[name](dbapi_connection)
+            return
+        attempt = scope.attempt
+        _register(dbapi_connection, attempt)
+        try:
+            inner[name](dbapi_connection)
+        finally:
+            attempt.unregister_inflight(dbapi_connection)
+
+    return run_rollback
+
+
 class _Wrapped:
     """A tracked dialect's wrappers, what each calls (``inner``, which the fault
     injector may replace beneath the tracking) and the instance attributes they
@@ -210,12 +231,13 @@ _METHODS: tuple[tuple[str, Callable[[dict[str, Any], str], Callable[..., Any]]],
     ("do_execute_no_params", _wrap_no_params),
     ("do_executemany", _wrap_statement),
     ("do_commit", _wrap_commit),
+    ("do_rollback", _wrap_rollback),
 )
 """The wrapped methods, with what wraps each."""
 
 
 def track_dialect(dialect: Dialect) -> None:
-    """Wrap ``dialect``'s statement and COMMIT methods (once per dialect instance;
+    """Wrap ``dialect``'s statement, COMMIT and ROLLBACK methods (once per dialect instance;
     again for a method someone replaced since)."""
     with _track_lock:
         wrapped: _Wrapped | None = dialect.__dict__.get(_WRAPPED)

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+import resilient_db._engine as engine_module
 import resilient_db._policy as policy_module
 from resilient_db import AttemptTimeout, CircuitBreaker, ResilientEngine
 from resilient_db.policies.timeout import ABORT_GRACE, AttemptTimer
@@ -38,6 +39,7 @@ def timers(monkeypatch: pytest.MonkeyPatch) -> list[AttemptTimer]:
             armed.append(self)
 
     monkeypatch.setattr(policy_module, "AttemptTimer", Counted)
+    monkeypatch.setattr(engine_module, "AttemptTimer", Counted)  # releases
     return armed
 
 
@@ -64,11 +66,11 @@ async def test_a_checkout_from_a_warm_pool_arms_no_timer(
     db = ResilientEngine(sqlite_engine, timeout=5, breaker=False)
     async with db.connect() as conn:  # a cold pool: this checkout connects
         await conn.execute(text("SELECT 1"))
-    assert len(timers) == 2  # the connect, the statement
+    assert len(timers) == 3  # the connect, the statement, the release
     for _ in range(3):
         async with db.connect() as conn:  # answered from memory
             await conn.execute(text("SELECT 1"))
-    assert len(timers) == 2 + 3  # one per statement, none per warm checkout
+    assert len(timers) == 3 + 3 * 2  # statement and release, none per warm checkout
 
 
 async def test_a_checkout_that_has_to_connect_is_timed_and_counted(frozen_server: str) -> None:

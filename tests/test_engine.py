@@ -587,6 +587,53 @@ async def test_a_savepoint_block_releases_and_its_rows_commit_with_the_transacti
     assert [r["key"] for r in rows] == ["kept"]
 
 
+async def _release_a_connection(db: ResilientEngine, proxy: ChaosProxy) -> None:
+    async with db.connect() as conn:
+        await conn.execute(text("SELECT 1"))  # its transaction is rolled back at release
+        proxy.half_open()
+
+
+async def _release_a_session(db: ResilientEngine, proxy: ChaosProxy) -> None:
+    async with db.sessionmaker()() as session:
+        await session.execute(text("SELECT 1"))
+        proxy.half_open()
+
+
+@pytest.mark.parametrize("release", [_release_a_connection, _release_a_session])
+async def test_a_release_on_a_frozen_server_is_bounded_and_discards_the_connection(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness, ledger: AsyncEngine, release: Any
+) -> None:
+    # The ROLLBACK that releasing sends would wait for TCP to give up (minutes); the
+    # block's work is done, so the release succeeds without the connection.
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        await release(db, proxy)
+    elapsed = time.monotonic() - started
+    proxy.half_open(False)
+    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+    assert proxied.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await proxied.dispose()
+    await ledger.dispose()  # the fixture's own pooled connection
+    assert await witness.wait_sessions(0) == []  # the discarded one's backend is gone too
+
+
+async def test_an_explicit_rollback_on_a_frozen_server_is_bounded(
+    proxied: AsyncEngine, proxy: ChaosProxy
+) -> None:
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
+    started = time.monotonic()
+    async with asyncio.timeout(10), db.sessionmaker()() as session:
+        await session.execute(text("SELECT 1"))
+        proxy.half_open()
+        with pytest.raises(TimeoutExceeded):
+            await session.rollback()
+    elapsed = time.monotonic() - started
+    proxy.half_open(False)
+    assert elapsed < 2.0
+    assert proxied.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
 async def test_a_server_timeout_in_the_flush_at_commit_is_our_timeout_error(
     ledger: AsyncEngine,
 ) -> None:
