@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,14 @@ async def proxied(
     await engine.dispose()
 
 
+@pytest.fixture
+def verifying(proxied: AsyncEngine) -> ResilientEngine:
+    """An engine behind the proxy that verifies the outcome of a lost COMMIT."""
+    return ResilientEngine(
+        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
+    )
+
+
 async def book(session: AsyncSession, key: str) -> str:
     await session.execute(text("INSERT INTO ledger VALUES (:k, 10)"), {"k": key})
     return f"booked {key}"
@@ -243,13 +251,10 @@ async def test_lost_commit_ack_without_verification_is_not_retried(
 
 
 async def test_lost_commit_ack_is_verified_as_committed(
-    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+    verifying: ResilientEngine, proxy: ChaosProxy, witness: Witness
 ) -> None:
-    db = ResilientEngine(
-        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
-    )
     proxy.add_toxic(DropCommitAck(count=1))
-    assert await db.run_transaction(book, "pay-2") == "booked pay-2"
+    assert await verifying.run_transaction(book, "pay-2") == "booked pay-2"
     assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'pay-2'") == 1
 
 
@@ -264,32 +269,26 @@ class _Entry(_Base):
 
 
 async def test_lost_commit_ack_of_an_orm_write_flushed_at_commit_is_verified(
-    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+    verifying: ResilientEngine, proxy: ChaosProxy, witness: Witness
 ) -> None:
     # The INSERT is sent by the flush inside COMMIT, after the transaction id is
     # read: an id read before the flush is NULL, "nothing written", and a retry
     # would write the row twice.
-    db = ResilientEngine(
-        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
-    )
 
     async def add(session: AsyncSession) -> None:
         session.add(_Entry(key="orm-1", amount=1))
 
     proxy.add_toxic(DropCommitAck(count=1))
-    await db.run_transaction(add)  # verified as committed
+    await verifying.run_transaction(add)  # verified as committed
     assert await witness.scalar("SELECT count(*) FROM ledger WHERE key = 'orm-1'") == 1
 
 
 async def test_lost_commit_ack_of_a_write_made_by_a_before_commit_hook_is_verified(
-    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness
+    verifying: ResilientEngine, proxy: ChaosProxy, witness: Witness
 ) -> None:
     # An audit row added by a `before_commit` hook is flushed inside COMMIT, after
     # anything the wrapper could send before calling it: the transaction id must be
     # read at the COMMIT itself, or it is NULL and the lost COMMIT is retried.
-    db = ResilientEngine(
-        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
-    )
     attempts = 0
 
     async def read_then_audit(session: AsyncSession) -> None:
@@ -304,17 +303,14 @@ async def test_lost_commit_ack_of_a_write_made_by_a_before_commit_hook_is_verifi
         event.listen(session.sync_session, "before_commit", audit)
 
     proxy.add_toxic(DropCommitAck(count=1))
-    await db.run_transaction(read_then_audit)  # verified as committed
+    await verifying.run_transaction(read_then_audit)  # verified as committed
     assert await witness.scalar("SELECT count(*) FROM ledger") == 1
     assert attempts == 1
 
 
 async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
-    proxied: AsyncEngine, proxy: ChaosProxy
+    verifying: ResilientEngine, proxy: ChaosProxy
 ) -> None:
-    db = ResilientEngine(
-        proxied, timeout=10, retries=3, backoff=FAST, breaker=False, verify_commits=True
-    )
     attempts = 0
 
     async def read(session: AsyncSession) -> int:
@@ -323,7 +319,7 @@ async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
         return int((await session.execute(text("SELECT count(*) FROM accounts"))).scalar_one())
 
     proxy.add_toxic(DropCommitAck(count=1))
-    assert await db.run_transaction(read) == 5
+    assert await verifying.run_transaction(read) == 5
     assert attempts == 2
 
 
@@ -480,23 +476,35 @@ async def test_frozen_server_the_client_gives_up_in_time_and_replaces_the_connec
     assert await backend_pid(db) != before
 
 
+async def seconds_to_fail(proxy: ChaosProxy, call: Callable[[], Awaitable[object]]) -> float:
+    """How long ``call()`` takes to fail with our timeout while the proxy is frozen
+    (it thaws after): 0.5 s + ABORT_GRACE is the bound, 2 s leaves slack for a noisy
+    machine, 10 s is the safety net if nothing bounds it."""
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(TimeoutExceeded):
+                await call()
+    finally:
+        proxy.half_open(False)
+    return time.monotonic() - started
+
+
 async def test_what_a_commit_sends_first_is_bounded_too(
     proxied: AsyncEngine, proxy: ChaosProxy
 ) -> None:
-    # A transaction with no statement: at COMMIT the server-side settings (and, with
-    # verify_commits, the xid capture) go first. On a frozen server they must be
-    # bounded by the COMMIT's timeout like the COMMIT itself.
+    # A transaction with no statement: with verify_commits, the transaction id is
+    # read on the connection just before its COMMIT. On a frozen server that read
+    # must be bounded by the COMMIT's timeout like the COMMIT itself.
     db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False, verify_commits=True)
     async with db.connect() as conn:
         await conn.execute(text("SELECT 1"))  # a warm connection
-    started = time.monotonic()
-    async with asyncio.timeout(10):
-        with pytest.raises(TimeoutExceeded):
-            async with db.begin():
-                proxy.half_open()
-    elapsed = time.monotonic() - started
-    proxy.half_open(False)
-    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+
+    async def empty_transaction_on_a_frozen_server() -> None:
+        async with db.begin():
+            proxy.half_open()
+
+    assert await seconds_to_fail(proxy, empty_transaction_on_a_frozen_server) < 2.0
 
 
 async def test_what_a_begun_transactions_first_statement_sends_first_is_bounded_too(
@@ -513,13 +521,7 @@ async def test_what_a_begun_transactions_first_statement_sends_first_is_bounded_
             proxy.half_open()
             await conn.execute(text("SELECT 1"))
 
-    started = time.monotonic()
-    async with asyncio.timeout(10):
-        with pytest.raises(TimeoutExceeded):
-            await first_statement_on_a_frozen_server()
-    elapsed = time.monotonic() - started
-    proxy.half_open(False)
-    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+    assert await seconds_to_fail(proxy, first_statement_on_a_frozen_server) < 2.0
 
 
 async def _savepoint_on_a_frozen_server(db: ResilientEngine, proxy: ChaosProxy) -> None:
@@ -559,13 +561,7 @@ async def test_savepoints_are_bounded_like_statements(
     proxied: AsyncEngine, proxy: ChaosProxy, sends: Any
 ) -> None:
     db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
-    started = time.monotonic()
-    async with asyncio.timeout(10):
-        with pytest.raises(TimeoutExceeded):
-            await sends(db, proxy)
-    elapsed = time.monotonic() - started
-    proxy.half_open(False)
-    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
+    assert await seconds_to_fail(proxy, lambda: sends(db, proxy)) < 2.0
 
 
 async def test_a_savepoint_block_releases_and_its_rows_commit_with_the_transaction(
@@ -622,35 +618,22 @@ async def test_an_explicit_rollback_on_a_frozen_server_is_bounded(
     proxied: AsyncEngine, proxy: ChaosProxy
 ) -> None:
     db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
-    started = time.monotonic()
-    async with asyncio.timeout(10), db.sessionmaker()() as session:
+    async with db.sessionmaker()() as session:
         await session.execute(text("SELECT 1"))
         proxy.half_open()
-        with pytest.raises(TimeoutExceeded):
-            await session.rollback()
-    elapsed = time.monotonic() - started
-    proxy.half_open(False)
-    assert elapsed < 2.0
+        assert await seconds_to_fail(proxy, session.rollback) < 2.0
     assert proxied.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_a_server_timeout_in_the_flush_at_commit_is_our_timeout_error(
     ledger: AsyncEngine,
 ) -> None:
-    class Base(DeclarativeBase):
-        pass
-
-    class Entry(Base):
-        __tablename__ = "ledger"
-        key: Mapped[str] = mapped_column(primary_key=True)
-        amount: Mapped[int | None]
-
     db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False)
     sessions = db.sessionmaker()
 
     async def flush_at_commit() -> None:
         async with sessions.begin() as session:
-            session.add(Entry(key="k", amount=1))  # INSERTed by the flush at COMMIT
+            session.add(_Entry(key="k", amount=1))  # INSERTed by the flush at COMMIT
 
     async with ledger.connect() as holder:
         await holder.execute(text("LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE"))
