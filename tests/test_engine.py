@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -548,14 +549,24 @@ async def _release_on_a_frozen_server(db: ResilientEngine, proxy: ChaosProxy) ->
         proxy.half_open()
 
 
+async def _rollback_to_savepoint_on_a_frozen_server(db: ResilientEngine, proxy: ChaosProxy) -> None:
+    async with db.connect() as conn, conn.begin():
+        with suppress(ZeroDivisionError):
+            async with conn.begin_nested():
+                await conn.execute(text("SELECT 1"))
+                proxy.half_open()
+                raise ZeroDivisionError
+
+
 @pytest.mark.parametrize(
     "sends",
     [
         _savepoint_on_a_frozen_server,
         _flush_at_session_savepoint_on_a_frozen_server,
         _release_on_a_frozen_server,
+        _rollback_to_savepoint_on_a_frozen_server,
     ],
-    ids=["SAVEPOINT", "flush at session SAVEPOINT", "RELEASE SAVEPOINT"],
+    ids=["SAVEPOINT", "flush at session SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT"],
 )
 async def test_savepoints_are_bounded_like_statements(
     proxied: AsyncEngine, proxy: ChaosProxy, sends: Any
