@@ -463,7 +463,7 @@ class ResilientEngine:
                 yield conn
             except BaseException:
                 if conn.in_transaction():
-                    await self._cleanup_call(AsyncConnection.rollback, conn)
+                    await self._rollback_after_failure(AsyncConnection.rollback, conn)
                 raise
             await conn.commit()
 
@@ -596,6 +596,21 @@ class ResilientEngine:
             with suppress(Exception):
                 # Finish the close on the invalidated connection: nothing left to send.
                 await self._cleanup_call(close, owner)
+
+    async def _rollback_after_failure(
+        self, rollback: Callable[..., Awaitable[None]], *args: Any
+    ) -> None:
+        """The ROLLBACK of a block that failed, bounded as cleanup. Past the bound the
+        connection is discarded (logged), and the block's own error is the one that
+        propagates: it says what went wrong, the lost connection only follows."""
+        try:
+            await self._cleanup_call(rollback, *args)
+        except TimeoutExceeded as exc:
+            logger.warning(
+                "rolling back a failed transaction timed out (%s): its connection was discarded",
+                exc,
+                extra={"resilient_db_event": "rollback_timed_out"},
+            )
 
     async def _release_connection(self, conn: GuardedConnection) -> None:
         """Close a connection, its ROLLBACK (and the pool's reset) bounded by the
@@ -1437,7 +1452,7 @@ async def _cleanup_exit(
     if owner is None:
         await sqlalchemy_exit(transaction, *exc_info)
     else:
-        await owner._db._cleanup_call(sqlalchemy_exit, transaction, *exc_info)
+        await owner._db._rollback_after_failure(sqlalchemy_exit, transaction, *exc_info)
 
 
 def _session_statement(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
