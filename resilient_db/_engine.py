@@ -1310,6 +1310,19 @@ class GuardedConnection(AsyncConnection):
         async def rollback(self) -> None:
             await self._db._cleanup_call(_CONNECTION_ROLLBACK, self)
 
+        async def run_sync(self, fn, *arg, **kw):
+            # One guarded operation: the engine's timeout bounds the whole function.
+            session = self._session
+            return await self._db._guard(
+                self if session is None else session,
+                None,
+                False,
+                None,
+                AsyncConnection.run_sync,
+                (self, fn, *arg),
+                kw,
+            )
+
         async def close(self) -> None:
             await self._db._release_connection(self)
 
@@ -1582,6 +1595,11 @@ class GuardedSession(AsyncSession):
 
         async def rollback(self) -> None:
             await self._db._cleanup_call(AsyncSession.rollback, self)
+
+        async def run_sync(self, fn, *arg, **kw):
+            return await self._db._guard(
+                self, None, False, None, AsyncSession.run_sync, (self, fn, *arg), kw
+            )
 
         async def close(self) -> None:
             await self._db._release(AsyncSession.close, self)

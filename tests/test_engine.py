@@ -370,6 +370,30 @@ async def test_300_random_cancellations_leave_no_session_and_no_duplicate(
     assert await witness.wait_sessions(0) == []
 
 
+@pytest.mark.parametrize("owner", ["connection", "session"])
+async def test_run_sync_is_one_guarded_operation(
+    ledger: AsyncEngine, witness: Witness, owner: str
+) -> None:
+    def sleep(sync: Any) -> None:
+        sync.execute(text("SELECT pg_sleep(5)"))
+
+    db = ResilientEngine(ledger, timeout=0.5, retries=0, breaker=False)
+
+    async def run_sync() -> None:
+        if owner == "connection":
+            async with db.connect() as conn:
+                await conn.run_sync(sleep)
+        else:
+            async with db.sessionmaker()() as session:
+                await session.run_sync(sleep)
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutExceeded):
+        await run_sync()
+    assert time.monotonic() - started < 3  # not the 5 s the server would take
+    assert await server_stops_sleeping(witness)
+
+
 async def test_a_sessions_connection_keeps_the_isolation_level_asked_for(
     ledger: AsyncEngine,
 ) -> None:
@@ -432,16 +456,17 @@ async def test_statements_through_a_sessions_connection_are_guarded(
         with pytest.raises(TimeoutExceeded):
             await conn.execute(text("SELECT pg_sleep(5)"))
         assert time.monotonic() - started < 3  # not the 5 s the server would take
-    for _ in range(40):  # and the server stopped it too
-        sleeping = [
-            s
-            for s in await witness.other_sessions()
-            if s["state"] == "active" and "pg_sleep" in s["query"]
-        ]
-        if not sleeping:
-            break
+    assert await server_stops_sleeping(witness)
+
+
+async def server_stops_sleeping(witness: Witness) -> bool:
+    """Whether, within 2 s, no session of the database is still running pg_sleep."""
+    for _ in range(40):
+        sessions = await witness.other_sessions()
+        if not any(s["state"] == "active" and "pg_sleep" in s["query"] for s in sessions):
+            return True
         await asyncio.sleep(0.05)
-    assert sleeping == []
+    return False
 
 
 async def test_server_ends_a_statement_past_the_deadline_and_the_connection_is_kept(
