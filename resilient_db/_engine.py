@@ -57,7 +57,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from . import _instrument
 from . import _validate as v
-from ._abort import abort_driver_connection, pending_cancel_requests
+from ._abort import _driver_of, abort_driver_connection, pending_cancel_requests
 from ._classify import _EXIT_EXCEPTIONS, Classifier, resolve
 from ._correlation import current_correlation_id
 from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse, TimeoutExceeded
@@ -623,8 +623,7 @@ class ResilientEngine:
         for the dialect's ROLLBACK to register in."""
         limit = self._cleanup_limit
         sync = conn.sync_connection
-        scope = _get_scope()
-        if limit is None or sync is None or (scope is not None and scope.in_call):
+        if limit is None or sync is None or _unit_timer_armed():
             await _CONNECTION_CLOSE(conn)  # unbounded, or bounded by the unit's timer
             return
         attempt = AttemptState()
@@ -647,8 +646,7 @@ class ResilientEngine:
         invalidates the connection) instead of hanging until TCP gives up. Inside a
         unit of work, the unit's timer bounds it."""
         policy = self._cleanup
-        scope = _get_scope()
-        if policy is None or (scope is not None and scope.in_call):
+        if policy is None or _unit_timer_armed():
             return await fn(*args)
         own = CallScope(policy.clock, None, True)
         token = _set_scope(own)
@@ -891,9 +889,8 @@ class ResilientEngine:
                 await commit()
         except BaseException as exc:
             records = (attempt.commits or [])[before:]
-            xid = next((r.xid for r in records if r.xid is not None), None)
             try:
-                await self._settle_commit(owner, exc, records, xid, standalone=token is not None)
+                await self._settle_commit(owner, exc, records, standalone=token is not None)
             except BaseException as final:
                 if token is not None:
                     if isinstance(final, CommitOutcomeUnknown):
@@ -929,7 +926,6 @@ class ResilientEngine:
         owner: Any,
         exc: BaseException,
         records: list[CommitRecord],
-        xid: int | None,
         *,
         standalone: bool,
     ) -> None:
@@ -937,37 +933,49 @@ class ResilientEngine:
         if not unsafe or _is_exit(exc):
             raise exc
         if self.verify_commits and self._is_pg:
-            if xid is None:
-                # Nothing was written in this transaction: there is nothing to lose
-                # or to duplicate, so the COMMIT's fate does not matter.
-                for record in unsafe:
-                    record.status = CommitStatus.REJECTED
-                raise exc
+            # Each COMMIT whose answer was lost is settled by its own transaction id
+            # (a session bound to several engines sends one COMMIT per engine).
+            unresolved: list[tuple[CommitRecord, str]] = []
             for record in unsafe:
-                record.xid = xid
-            status = await self._verify(xid)
-            if status == "committed":
-                for record in unsafe:
-                    record.status = CommitStatus.RETURNED
-                logger.warning(
-                    "COMMIT of transaction %d failed (%s) but the server says it "
-                    "committed: treated as a success",
-                    xid,
-                    type(exc).__name__,
-                    extra={"resilient_db_event": "commit_verified", "xid": xid},
-                )
-                await _reset_after_verified_commit(owner)
-                return
-            if status == "aborted":
-                for record in unsafe:
+                if record.status is CommitStatus.RETURNED:
+                    continue
+                if record.xid_read and record.xid is None:
+                    # It wrote nothing: nothing to lose or to duplicate.
                     record.status = CommitStatus.REJECTED
-                raise exc
-            raise CommitOutcomeUnknown(
-                f"COMMIT of transaction {xid} failed ({type(exc).__name__}: {exc}) and the "
-                f"server reports it as {status!r}: it may still commit; not retried",
-                xid=xid,
-                status=status,
-            ) from exc
+                    continue
+                status = "unknown" if record.xid is None else await self._verify(record.xid)
+                if status == "committed":
+                    record.status = CommitStatus.RETURNED
+                elif status == "aborted":
+                    record.status = CommitStatus.REJECTED
+                else:
+                    unresolved.append((record, status))
+            if unresolved:
+                record, status = unresolved[0]
+                raise CommitOutcomeUnknown(
+                    f"COMMIT of transaction {record.xid} failed ({type(exc).__name__}: {exc}) "
+                    f"and the server reports it as {status!r}: it may still commit; not "
+                    "retried",
+                    xid=record.xid,
+                    status=status,
+                ) from exc
+            if all(r.status is CommitStatus.REJECTED for r in records):
+                raise exc  # nothing committed: retried like any transient failure
+            if any(r.status is CommitStatus.REJECTED for r in records):
+                raise CommitOutcomeUnknown(
+                    f"of this transaction's {len(records)} COMMITs (one per database "
+                    "bound), some committed and some did not; not retried",
+                ) from exc
+            xids = [r.xid for r in records if r.xid is not None]
+            logger.warning(
+                "COMMIT of transaction %s failed (%s) but the server says it committed: "
+                "treated as a success",
+                ", ".join(str(x) for x in xids),
+                type(exc).__name__,
+                extra={"resilient_db_event": "commit_verified", "xid": xids[0] if xids else None},
+            )
+            await _reset_after_verified_commit(owner)
+            return
         if standalone:
             raise CommitOutcomeUnknown(
                 f"the COMMIT was interrupted ({type(exc).__name__}: {exc}); its work may be "
@@ -1013,6 +1021,14 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncSession.rollback(owner)
     elif isinstance(owner, AsyncConnection) and owner.in_transaction():
         await AsyncConnection.rollback(owner)
+
+
+def _unit_timer_armed() -> bool:
+    """Whether a unit of work's attempt timer watches what runs now (then it bounds
+    cleanup too: the dialect's ROLLBACK registers with it). A unit without a timeout
+    leaves cleanup to the engine's own bound."""
+    scope = _get_scope()
+    return scope is not None and scope.in_call and bool(scope.attempt.timers)
 
 
 def _release_timed_out(owner: object, exc: BaseException) -> None:
@@ -1382,9 +1398,12 @@ class _GuardedTransaction(_GuardedBlock, AsyncTransaction):
     __slots__ = ()
     _sqlalchemy = AsyncTransaction
 
-    def _guarded_owner(self) -> GuardedConnection | None:
+    def _guarded_owner(self) -> GuardedConnection | GuardedSession | None:
         conn = self.connection
-        return conn if isinstance(conn, GuardedConnection) else None
+        if not isinstance(conn, GuardedConnection):
+            return None
+        # A session's connection (`session.connection()`): the session's state.
+        return conn if conn._session is None else conn._session
 
 
 class _GuardedSessionTransaction(_GuardedBlock, AsyncSessionTransaction):
@@ -1422,17 +1441,21 @@ def _has_changes(session: AsyncSession) -> bool:
     return bool(session.new) or bool(session.deleted) or session.identity_map.check_modified()
 
 
-def _read_xid(dbapi_connection: Any) -> int | None:
-    """The id of the transaction about to be committed on ``dbapi_connection``
-    (``NULL``: it wrote nothing). Run by the COMMIT tracking, in SQLAlchemy's sync
-    layer, on the connection the COMMIT goes to."""
+def _read_xid(dbapi_connection: Any, record: CommitRecord) -> None:
+    """Note on ``record`` the id of the transaction about to be committed on
+    ``dbapi_connection`` (``NULL``: it wrote nothing), if that is PostgreSQL. Run by
+    the COMMIT tracking, in SQLAlchemy's sync layer, on the COMMIT's connection."""
+    driver = _driver_of(dbapi_connection)
+    if driver is None or not type(driver).__module__.startswith(("asyncpg", "psycopg")):
+        return  # another database bound to the same session: not ours to read
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("SELECT pg_current_xact_id_if_assigned()::text")
         row = cursor.fetchone()
     finally:
         cursor.close()
-    return None if row is None or row[0] is None else int(row[0])
+    record.xid = None if row is None or row[0] is None else int(row[0])
+    record.xid_read = True
 
 
 async def _exit_guarded(

@@ -49,6 +49,8 @@ class CommitRecord:
     error: BaseException | None = None
     xid: int | None = None
     """PostgreSQL transaction id, when the engine wrapper captured it."""
+    xid_read: bool = False
+    """Whether it was read (``xid`` ``None`` then means: the transaction wrote nothing)."""
 
 
 @dataclass(slots=True, init=False)

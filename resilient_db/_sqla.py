@@ -57,7 +57,7 @@ from sqlalchemy.engine import Dialect, Engine, ExceptionContext
 from sqlalchemy.pool import Pool
 
 from ._classify import _lookup_sqlstate, find_sqlstate, is_definitive_rejection
-from ._scope import AttemptState, CommitStatus, _get_scope
+from ._scope import AttemptState, CommitRecord, CommitStatus, _get_scope
 
 __all__ = [
     "XID_READER",
@@ -76,13 +76,15 @@ _lock = threading.Lock()
 _WRAPPED = "_resilient_db_wrapped"
 """Key of a tracked dialect instance's ``_Wrapped`` in its ``__dict__``."""
 
-XID_READER: ContextVar[Callable[[Any], int | None] | None] = ContextVar(
+XID_READER: ContextVar[Callable[[Any, CommitRecord], None] | None] = ContextVar(
     "resilient_db_xid_reader", default=None
 )
 """Set by the engine wrapper around a COMMIT it will verify: called with the DBAPI
-connection just before the COMMIT is sent — after every flush, ``before_commit``
-hooks included — and its answer kept as the ``CommitRecord``'s ``xid``. A context
-variable, so a task started earlier in the same unit is not asked."""
+connection and the COMMIT's record just before the COMMIT is sent — after every
+flush, ``before_commit`` hooks included — to note the transaction id there (a
+session bound to several engines sends one COMMIT each; the reader skips what is
+not PostgreSQL). A context variable, so a task started earlier in the same unit is
+not asked."""
 
 _tracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
 _untracked: weakref.WeakSet[Dialect] = weakref.WeakSet()
@@ -169,7 +171,7 @@ def _wrap_commit(inner: dict[str, Any], name: str = "do_commit") -> Callable[[An
             reader = XID_READER.get()
             if reader is not None:
                 try:
-                    record.xid = reader(dbapi_connection)
+                    reader(dbapi_connection, record)
                 except BaseException as exc:
                     record.error = exc
                     record.status = CommitStatus.REJECTED  # the COMMIT was not sent

@@ -39,6 +39,7 @@ from resilient_db import (
     TimeoutExceeded,
     resilient,
 )
+from resilient_db._sqla import inner_method, replace_inner_method
 from resilient_db.chaos import ChaosProxy, DropCommitAck
 from resilient_db.testing import set_testing
 
@@ -308,6 +309,68 @@ async def test_lost_commit_ack_of_a_write_made_by_a_before_commit_hook_is_verifi
     assert attempts == 1
 
 
+async def test_verified_commits_of_a_session_bound_to_postgresql_and_sqlite(
+    ledger: AsyncEngine, sqlite_engine: AsyncEngine, witness: Witness
+) -> None:
+    # One COMMIT per database bound: the transaction id is read on PostgreSQL's
+    # only. Asked of SQLite too, the read failed there and SQLite's COMMIT was
+    # never sent, while the session reported success.
+    async with sqlite_engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE notes (key text PRIMARY KEY)"))
+    pg_rows = table("ledger", column("key"), column("amount"))
+    sqlite_rows = table("notes", column("key"))
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False, verify_commits=True)
+    sessions = db.sessionmaker(binds={pg_rows: ledger, sqlite_rows: sqlite_engine})
+    async with sessions() as session:
+        await session.execute(insert(pg_rows).values(key="both", amount=1))
+        await session.execute(insert(sqlite_rows).values(key="both"))
+        await session.commit()
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+    async with sqlite_engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM notes"))).scalar() == 1
+
+
+async def test_a_lost_commit_on_one_of_two_databases_is_never_verified_by_the_other(
+    ledger: AsyncEngine, pg_url: str, witness: Witness
+) -> None:
+    # A session bound to two PostgreSQL engines sends two COMMITs, in an order of
+    # SQLAlchemy's choosing. When the second is lost, the first one's transaction
+    # id says "committed": the lost one must be settled by its own.
+    other = create_async_engine(pg_url)
+    try:
+        async with other.begin() as conn:
+            await conn.execute(text("CREATE TABLE IF NOT EXISTS notes (key text PRIMARY KEY)"))
+        original = inner_method(other.sync_engine.dialect, "do_commit")
+
+        def lost(dbapi_connection: Any) -> None:
+            dbapi_connection.driver_connection.terminate()  # never reaches the server
+            raise ConnectionResetError("connection lost during COMMIT")
+
+        replace_inner_method(other.sync_engine.dialect, "do_commit", lost)
+        db = ResilientEngine(
+            ledger, timeout=5, retries=0, breaker=False, verify_commits=True, verify_timeout=1
+        )
+        pg_rows = table("ledger", column("key"), column("amount"))
+        other_rows = table("notes", column("key"))
+        sessions = db.sessionmaker(binds={pg_rows: ledger, other_rows: other})
+
+        async def write_both(key: str) -> None:
+            async with sessions() as session:
+                await session.execute(insert(pg_rows).values(key=key, amount=1))
+                await session.execute(insert(other_rows).values(key=key))
+                await session.commit()
+
+        for n in range(6):  # both orders, almost surely
+            with pytest.raises((CommitOutcomeUnknown, sa_exc.DBAPIError, OSError)) as raised:
+                await write_both(f"k{n}")
+            committed = await witness.scalar("SELECT count(*) FROM ledger WHERE key = $1", f"k{n}")
+            if committed:  # the first COMMIT went through: partly committed, not a success
+                assert isinstance(raised.value, CommitOutcomeUnknown)
+        replace_inner_method(other.sync_engine.dialect, "do_commit", original)
+    finally:
+        await other.dispose()
+
+
 async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
     verifying: ResilientEngine, proxy: ChaosProxy
 ) -> None:
@@ -406,6 +469,20 @@ async def test_a_sessions_connection_keeps_the_isolation_level_asked_for(
         limit = (await session.execute(text("SHOW statement_timeout"))).scalar()
     assert level == "serializable"
     assert limit not in (None, "0")  # the settings still went, before the first statement
+
+
+async def test_a_savepoint_through_a_sessions_connection_comes_after_the_settings(
+    ledger: AsyncEngine,
+) -> None:
+    # Sent inside the savepoint, the settings would vanish with its rollback.
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
+    async with db.sessionmaker().begin() as session:
+        conn = await session.connection()
+        savepoint = await conn.begin_nested()
+        await conn.execute(text("SELECT 1"))
+        await savepoint.rollback()
+        limit = (await session.execute(text("SHOW statement_timeout"))).scalar()
+    assert limit not in (None, "0")
 
 
 async def test_set_transaction_through_a_sessions_connection_comes_first(
@@ -662,6 +739,24 @@ async def test_a_release_on_a_frozen_server_is_bounded_and_discards_the_connecti
     await proxied.dispose()
     await ledger.dispose()  # the fixture's own pooled connection
     assert await witness.wait_sessions(0) == []  # the discarded one's backend is gone too
+
+
+async def test_a_release_inside_a_unit_without_a_timeout_is_bounded_by_the_engine(
+    proxied: AsyncEngine, proxy: ChaosProxy
+) -> None:
+    # No unit timer to lean on: the engine's own bound applies.
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
+
+    @resilient(retries=0, breaker=False)
+    async def unit_without_timeout() -> None:
+        await _release_a_connection(db, proxy)
+
+    started = time.monotonic()
+    async with asyncio.timeout(10):
+        await unit_without_timeout()
+    elapsed = time.monotonic() - started
+    proxy.half_open(False)
+    assert elapsed < 2.0  # 0.5 s + ABORT_GRACE, with slack for a noisy machine
 
 
 async def test_an_explicit_rollback_on_a_frozen_server_is_bounded(
