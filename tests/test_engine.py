@@ -25,7 +25,12 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from resilient_db import (
@@ -457,13 +462,18 @@ async def test_run_sync_is_one_guarded_operation(
     assert await server_stops_sleeping(witness)
 
 
+@pytest.fixture
+def sessions(ledger: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Guarded sessions on the test database (timeout 5 s, no retries, no breaker)."""
+    return ResilientEngine(ledger, timeout=5, retries=0, breaker=False).sessionmaker()
+
+
 async def test_a_sessions_connection_keeps_the_isolation_level_asked_for(
-    ledger: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     # SQLAlchemy's way to set a transaction's isolation level: the options must
     # reach the checkout, not be dropped by a checkout of ours before it.
-    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
-    async with db.sessionmaker().begin() as session:
+    async with sessions.begin() as session:
         conn = await session.connection(execution_options={"isolation_level": "SERIALIZABLE"})
         level = (await conn.execute(text("SHOW transaction_isolation"))).scalar()
         limit = (await session.execute(text("SHOW statement_timeout"))).scalar()
@@ -472,11 +482,10 @@ async def test_a_sessions_connection_keeps_the_isolation_level_asked_for(
 
 
 async def test_a_savepoint_through_a_sessions_connection_comes_after_the_settings(
-    ledger: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     # Sent inside the savepoint, the settings would vanish with its rollback.
-    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
-    async with db.sessionmaker().begin() as session:
+    async with sessions.begin() as session:
         conn = await session.connection()
         savepoint = await conn.begin_nested()
         await conn.execute(text("SELECT 1"))
@@ -486,10 +495,9 @@ async def test_a_savepoint_through_a_sessions_connection_comes_after_the_setting
 
 
 async def test_set_transaction_through_a_sessions_connection_comes_first(
-    ledger: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False)
-    async with db.sessionmaker().begin() as session:
+    async with sessions.begin() as session:
         conn = await session.connection()
         await conn.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
         level = (await conn.execute(text("SHOW transaction_isolation"))).scalar()
