@@ -1627,6 +1627,11 @@ class GuardedSession(AsyncSession):
         async def close(self) -> None:
             await self._db._release(AsyncSession.close, self)
 
+        if hasattr(AsyncSession, "reset"):  # SQLAlchemy 2.0.22+
+
+            async def reset(self) -> None:
+                await self._db._release(AsyncSession.reset, self)
+
 
 class ResilientSessionmaker(async_sessionmaker[GuardedSession]):
     """An ``async_sessionmaker`` making guarded sessions bound to the running loop's engine."""

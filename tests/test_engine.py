@@ -730,7 +730,14 @@ async def _release_a_session(db: ResilientEngine, proxy: ChaosProxy) -> None:
         proxy.half_open()
 
 
-@pytest.mark.parametrize("release", [_release_a_connection, _release_a_session])
+async def _reset_a_session(db: ResilientEngine, proxy: ChaosProxy) -> None:
+    session = db.sessionmaker()()
+    await session.execute(text("SELECT 1"))
+    proxy.half_open()
+    await session.reset()  # releases like close()
+
+
+@pytest.mark.parametrize("release", [_release_a_connection, _release_a_session, _reset_a_session])
 async def test_a_release_on_a_frozen_server_is_bounded_and_discards_the_connection(
     proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness, ledger: AsyncEngine, release: Any
 ) -> None:
