@@ -33,6 +33,7 @@ import copy
 import functools
 import logging
 import re
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
@@ -40,6 +41,7 @@ from urllib.parse import quote
 
 from opentelemetry import trace
 from sqlalchemy import Connection, Select, TextClause, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -72,7 +74,7 @@ from ._scope import (
     _reset_scope,
     _set_scope,
 )
-from ._sqla import XID_READER, track_dialect
+from ._sqla import XID_READER, _current_task, track_dialect
 from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
@@ -859,6 +861,10 @@ class ResilientEngine:
                 op.attempt_started(scope, None, None)
         attempt = scope.attempt
         before = len(attempt.commits) if attempt.commits else 0
+        task = _current_task()
+        # A session's transaction, to count at the end the COMMITs it had to send
+        # (one per database bound, the flush's included).
+        transaction = owner.sync_session.get_transaction() if owner._is_session else None
 
         async def commit() -> None:
             # What goes before the COMMIT is bounded with it: on a frozen server the
@@ -888,9 +894,12 @@ class ResilientEngine:
             else:
                 await commit()
         except BaseException as exc:
-            records = (attempt.commits or [])[before:]
+            # This task's COMMITs: tasks the unit started share its attempt.
+            records = [r for r in (attempt.commits or [])[before:] if r.task is task]
             try:
-                await self._settle_commit(owner, exc, records, standalone=token is not None)
+                await self._settle_commit(
+                    owner, exc, records, _commits_due(transaction), standalone=token is not None
+                )
             except BaseException as final:
                 if token is not None:
                     if isinstance(final, CommitOutcomeUnknown):
@@ -926,12 +935,23 @@ class ResilientEngine:
         owner: Any,
         exc: BaseException,
         records: list[CommitRecord],
+        due: int,
         *,
         standalone: bool,
     ) -> None:
         unsafe = [r for r in records if r.status is not CommitStatus.REJECTED]
         if not unsafe or _is_exit(exc):
             raise exc
+        lost = [r for r in unsafe if r.status is not CommitStatus.RETURNED]
+        if self.verify_commits and self._is_pg and not lost:
+            # Every COMMIT sent was answered: the error came from elsewhere (a
+            # COMMIT rejected, one never sent, a hook after it). Nothing to verify.
+            if len(records) < due:
+                raise CommitOutcomeUnknown(
+                    f"of this transaction's {due} COMMITs (one per database bound), "
+                    f"{len(records)} were sent before {type(exc).__name__}; not retried",
+                ) from exc
+            raise exc  # the unit sees a COMMIT that took effect: it does not retry
         if self.verify_commits and self._is_pg:
             # Each COMMIT whose answer was lost is settled by its own transaction id
             # (a session bound to several engines sends one COMMIT per engine).
@@ -961,7 +981,7 @@ class ResilientEngine:
                 ) from exc
             if all(r.status is CommitStatus.REJECTED for r in records):
                 raise exc  # nothing committed: retried like any transient failure
-            if any(r.status is CommitStatus.REJECTED for r in records):
+            if len(records) < due or any(r.status is CommitStatus.REJECTED for r in records):
                 raise CommitOutcomeUnknown(
                     f"of this transaction's {len(records)} COMMITs (one per database "
                     "bound), some committed and some did not; not retried",
@@ -985,10 +1005,20 @@ class ResilientEngine:
         raise exc
 
     async def _verify(self, xid: int) -> str:
-        """Ask ``pg_xact_status`` on a fresh connection, while it says ``in progress``."""
+        """Ask ``pg_xact_status`` on a fresh connection, while it says ``in progress``,
+        with the attempt's timers paused: the verification has a budget of its own."""
         scope = _get_scope()
-        if scope is not None:
-            scope.attempt.disarm()
+        loop = asyncio.get_running_loop()
+        if scope is None:
+            return await self._ask_status(xid)
+        scope.attempt.disarm()
+        paused_at = loop.time()
+        try:
+            return await self._ask_status(xid)
+        finally:
+            scope.attempt.rearm(loop.time() - paused_at)
+
+    async def _ask_status(self, xid: int) -> str:
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.verify_timeout
         status = "unknown"
@@ -1018,8 +1048,16 @@ async def _reset_after_verified_commit(owner: Any) -> None:
     transaction so the session/connection can go on (its objects are detached)."""
     if isinstance(owner, AsyncSession):
         owner.expunge_all()
-        await AsyncSession.rollback(owner)
-    elif isinstance(owner, AsyncConnection) and owner.in_transaction():
+        with warnings.catch_warnings():
+            # A session bound to several databases: the COMMITs that returned left
+            # their transactions behind, which the rollback then finds closed.
+            warnings.filterwarnings(
+                "ignore", "transaction already deassociated", category=sa_exc.SAWarning
+            )
+            await AsyncSession.rollback(owner)
+    elif isinstance(owner, AsyncConnection) and owner.get_transaction() is not None:
+        # Invalidated with its (inactive) transaction attached: without the
+        # rollback, the next statement raises PendingRollbackError.
         await AsyncConnection.rollback(owner)
 
 
@@ -1028,7 +1066,19 @@ def _unit_timer_armed() -> bool:
     cleanup too: the dialect's ROLLBACK registers with it). A unit without a timeout
     leaves cleanup to the engine's own bound."""
     scope = _get_scope()
-    return scope is not None and scope.in_call and bool(scope.attempt.timers)
+    if scope is None or not scope.in_call:
+        return False
+    timers = scope.attempt.timers
+    return timers is not None and any(timer.live for timer in timers)
+
+
+def _commits_due(transaction: Any) -> int:
+    """How many COMMITs a session's transaction had to send: one per connection
+    it held (SQLAlchemy keys each by its engine and by itself); 1 for a connection."""
+    connections = getattr(transaction, "_connections", None)
+    if not connections:
+        return 1
+    return len({id(entry[0]) for entry in connections.values()})
 
 
 def _release_timed_out(owner: object, exc: BaseException) -> None:

@@ -51,6 +51,8 @@ class CommitRecord:
     """PostgreSQL transaction id, when the engine wrapper captured it."""
     xid_read: bool = False
     """Whether it was read (``xid`` ``None`` then means: the transaction wrote nothing)."""
+    task: object = None
+    """The task that sent it (tasks a unit starts share its attempt)."""
 
 
 @dataclass(slots=True, init=False)
@@ -88,6 +90,15 @@ class AttemptState:
         the verification like any other."""
         for timer in self.timers or ():
             timer.disarm()
+
+    def rearm(self, paused: float) -> None:
+        """Arm again the timers :meth:`disarm` stopped, ``paused`` seconds later than
+        they were due (what follows the verification stays bounded; the time the
+        verification took was its own). Not after one of them expired."""
+        if self.expired_by is not None:
+            return
+        for timer in self.timers or ():
+            timer.resume(paused)
 
     def unregister_inflight(self, connection: Any) -> None:
         """The statement (or COMMIT) on ``connection`` is no longer in flight."""

@@ -44,6 +44,7 @@ failover, the pool must stop handing out connections to the demoted primary.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -164,6 +165,7 @@ def _wrap_commit(inner: dict[str, Any], name: str = "do_commit") -> Callable[[An
             return
         attempt = scope.attempt
         record = attempt.record_commit(dbapi_connection)
+        record.task = _current_task()
         registered = bool(attempt.timers)
         if registered:
             _register(dbapi_connection, attempt)
@@ -193,6 +195,14 @@ def _wrap_commit(inner: dict[str, Any], name: str = "do_commit") -> Callable[[An
                 attempt.unregister_inflight(dbapi_connection)
 
     return run_commit
+
+
+def _current_task() -> object:
+    """The running task, or ``None`` (a sync engine in a worker thread)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 def _wrap_rollback(inner: dict[str, Any], name: str = "do_rollback") -> Callable[[Any], None]:

@@ -344,7 +344,8 @@ async def test_a_lost_commit_on_one_of_two_databases_is_never_verified_by_the_ot
     other = create_async_engine(pg_url)
     try:
         async with other.begin() as conn:
-            await conn.execute(text("CREATE TABLE IF NOT EXISTS notes (key text PRIMARY KEY)"))
+            await conn.execute(text("DROP TABLE IF EXISTS notes"))
+            await conn.execute(text("CREATE TABLE notes (key text PRIMARY KEY)"))
         original = inner_method(other.sync_engine.dialect, "do_commit")
 
         def lost(dbapi_connection: Any) -> None:
@@ -374,6 +375,121 @@ async def test_a_lost_commit_on_one_of_two_databases_is_never_verified_by_the_ot
         replace_inner_method(other.sync_engine.dialect, "do_commit", original)
     finally:
         await other.dispose()
+
+
+async def test_a_lost_first_commit_of_two_databases_is_no_success_if_the_second_never_went(
+    proxied: AsyncEngine, proxy: ChaosProxy, ledger: AsyncEngine, witness: Witness
+) -> None:
+    # Bind A's COMMIT (through the proxy) is applied and its answer lost. When
+    # SQLAlchemy sends it first, B's COMMIT is never sent: A verifies as committed,
+    # and that alone must not pass for the session's success.
+    async with ledger.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS notes"))
+        await conn.execute(text("CREATE TABLE notes (key text PRIMARY KEY)"))
+    db = ResilientEngine(
+        proxied, timeout=5, retries=0, breaker=False, verify_commits=True, verify_timeout=1
+    )
+    pg_rows = table("ledger", column("key"), column("amount"))
+    other_rows = table("notes", column("key"))
+    sessions = db.sessionmaker(binds={pg_rows: proxied, other_rows: ledger})
+
+    async def write_both(key: str) -> bool:
+        async with sessions() as session:
+            await session.execute(insert(pg_rows).values(key=key, amount=1))
+            await session.execute(insert(other_rows).values(key=key))
+            try:
+                await session.commit()
+            except CommitOutcomeUnknown:
+                return False
+            return True
+
+    for n in range(6):  # both orders, almost surely
+        proxy.add_toxic(DropCommitAck(count=1, name=f"lost-{n}"))
+        succeeded = await write_both(f"k{n}")
+        proxy.remove_toxic(f"lost-{n}")
+        notes = await witness.scalar("SELECT count(*) FROM notes WHERE key = $1", f"k{n}")
+        assert not succeeded or notes == 1
+
+
+async def test_a_verified_commit_is_never_credited_with_another_tasks_commit(
+    ledger: AsyncEngine,
+) -> None:
+    # Tasks a unit starts share its attempt, and its record of COMMITs: A's failed
+    # commit must be settled by A's COMMITs only, not by B's that returned.
+    db = ResilientEngine(ledger, timeout=10, retries=0, breaker=False, verify_commits=True)
+    sessions = db.sessionmaker()
+    outcome: dict[str, str] = {}
+
+    @resilient(timeout=10, retries=0, breaker=False)
+    async def unit() -> None:
+        b_inserted = asyncio.Event()
+
+        async def task_b() -> None:
+            async with sessions() as session:
+                await session.execute(text("INSERT INTO ledger VALUES ('k', 2)"))
+                b_inserted.set()
+                await asyncio.sleep(0.3)  # A's flush at COMMIT now waits on B's row
+                await session.commit()
+
+        async def task_a() -> None:
+            await b_inserted.wait()
+            async with sessions() as session:
+                session.add(_Entry(key="k", amount=1))
+                try:
+                    await session.commit()
+                    outcome["a"] = "committed"
+                except sa_exc.IntegrityError:
+                    outcome["a"] = "duplicate key"
+
+        await asyncio.gather(task_a(), task_b())
+
+    await unit()
+    assert outcome == {"a": "duplicate key"}
+
+
+async def test_an_error_after_an_answered_commit_is_not_taken_for_a_verified_one(
+    ledger: AsyncEngine, witness: Witness
+) -> None:
+    db = ResilientEngine(ledger, timeout=5, retries=0, breaker=False, verify_commits=True)
+
+    def after_commit(sync_session: Any) -> None:
+        raise RuntimeError("after_commit hook failed")
+
+    async with db.sessionmaker()() as session:
+        event.listen(session.sync_session, "after_commit", after_commit)
+        await session.execute(text("INSERT INTO ledger VALUES ('h', 1)"))
+        with pytest.raises(RuntimeError, match="after_commit hook failed"):
+            await session.commit()
+    assert await witness.scalar("SELECT count(*) FROM ledger") == 1
+
+
+async def test_a_connection_is_usable_after_its_lost_commit_was_verified(
+    verifying: ResilientEngine, proxy: ChaosProxy
+) -> None:
+    proxy.add_toxic(DropCommitAck(count=1))
+    async with verifying.connect() as conn:
+        await conn.execute(text("INSERT INTO ledger VALUES ('v', 1)"))
+        await conn.commit()  # verified as committed
+        assert (await conn.execute(text("SELECT count(*) FROM ledger"))).scalar() == 1
+
+
+async def test_the_units_timer_bounds_what_follows_a_verified_commit(
+    verifying: ResilientEngine, proxy: ChaosProxy
+) -> None:
+    # The verification pauses the unit's timer (it has a budget of its own); it
+    # must resume, or the rest of the attempt runs without any bound.
+    sessions = verifying.sessionmaker()
+
+    @resilient(timeout=1.5, retries=0, breaker=False)
+    async def unit() -> None:
+        async with sessions.begin() as session:
+            await session.execute(text("INSERT INTO ledger VALUES ('u', 1)"))
+        proxy.half_open()
+        async with sessions.begin() as session:
+            await session.execute(text("SELECT 1"))
+
+    proxy.add_toxic(DropCommitAck(count=1))
+    assert await seconds_to_fail(proxy, unit, (TimeoutExceeded, CommitOutcomeUnknown)) < 3.0
 
 
 async def test_lost_commit_ack_of_a_read_only_transaction_is_simply_retried(
@@ -586,14 +702,18 @@ async def test_frozen_server_the_client_gives_up_in_time_and_replaces_the_connec
     assert await backend_pid(db) != before
 
 
-async def seconds_to_fail(proxy: ChaosProxy, call: Callable[[], Awaitable[object]]) -> float:
+async def seconds_to_fail(
+    proxy: ChaosProxy,
+    call: Callable[[], Awaitable[object]],
+    errors: type[BaseException] | tuple[type[BaseException], ...] = TimeoutExceeded,
+) -> float:
     """How long ``call()`` takes to fail with our timeout while the proxy is frozen
     (it thaws after): 0.5 s + ABORT_GRACE is the bound, 2 s leaves slack for a noisy
     machine, 10 s is the safety net if nothing bounds it."""
     started = time.monotonic()
     try:
         async with asyncio.timeout(10):
-            with pytest.raises(TimeoutExceeded):
+            with pytest.raises(errors):
                 await call()
     finally:
         proxy.half_open(False)

@@ -222,6 +222,24 @@ class AttemptTimer:
         if self._grace is not None:
             self._grace.cancel()
 
+    def resume(self, paused: float) -> None:
+        """Arm again after :meth:`disarm`, due ``paused`` seconds later (a timer
+        still armed, or settled, is left alone)."""
+        if self._live or self not in (self._attempt.timers or ()):
+            return
+        self._live = True
+        self._grace = None
+        self.due = due = self.due + paused
+        watchdog = _WATCHDOG
+        watchdog.armed.add(self)
+        if due < watchdog.wake_at:
+            watchdog.wake(due)
+
+    @property
+    def live(self) -> bool:
+        """Whether it is armed (not disarmed, not settled)."""
+        return self._live
+
     def settle(self, exc: BaseException | None) -> bool:
         """Disarm, unregister from the attempt, withdraw our cancellation request,
         and say whether the attempt ended because of this timer (``exc`` is what
