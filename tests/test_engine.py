@@ -335,6 +335,33 @@ async def test_verified_commits_of_a_session_bound_to_postgresql_and_sqlite(
         assert (await conn.execute(text("SELECT count(*) FROM notes"))).scalar() == 1
 
 
+async def create_notes(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS notes"))
+        await conn.execute(text("CREATE TABLE notes (key text PRIMARY KEY)"))
+
+
+def two_database_writer(
+    ledger_engine: AsyncEngine, notes_engine: AsyncEngine
+) -> Callable[[str], Awaitable[None]]:
+    """Write a key to `ledger` and to `notes`, each on its engine, in one session of
+    a verifying engine (one COMMIT per database), and commit."""
+    db = ResilientEngine(
+        ledger_engine, timeout=5, retries=0, breaker=False, verify_commits=True, verify_timeout=1
+    )
+    ledger_rows = table("ledger", column("key"), column("amount"))
+    notes_rows = table("notes", column("key"))
+    sessions = db.sessionmaker(binds={ledger_rows: ledger_engine, notes_rows: notes_engine})
+
+    async def write_both(key: str) -> None:
+        async with sessions() as session:
+            await session.execute(insert(ledger_rows).values(key=key, amount=1))
+            await session.execute(insert(notes_rows).values(key=key))
+            await session.commit()
+
+    return write_both
+
+
 async def test_a_lost_commit_on_one_of_two_databases_is_never_verified_by_the_other(
     ledger: AsyncEngine, pg_url: str, witness: Witness
 ) -> None:
@@ -343,9 +370,7 @@ async def test_a_lost_commit_on_one_of_two_databases_is_never_verified_by_the_ot
     # id says "committed": the lost one must be settled by its own.
     other = create_async_engine(pg_url)
     try:
-        async with other.begin() as conn:
-            await conn.execute(text("DROP TABLE IF EXISTS notes"))
-            await conn.execute(text("CREATE TABLE notes (key text PRIMARY KEY)"))
+        await create_notes(other)
         original = inner_method(other.sync_engine.dialect, "do_commit")
 
         def lost(dbapi_connection: Any) -> None:
@@ -353,19 +378,7 @@ async def test_a_lost_commit_on_one_of_two_databases_is_never_verified_by_the_ot
             raise ConnectionResetError("connection lost during COMMIT")
 
         replace_inner_method(other.sync_engine.dialect, "do_commit", lost)
-        db = ResilientEngine(
-            ledger, timeout=5, retries=0, breaker=False, verify_commits=True, verify_timeout=1
-        )
-        pg_rows = table("ledger", column("key"), column("amount"))
-        other_rows = table("notes", column("key"))
-        sessions = db.sessionmaker(binds={pg_rows: ledger, other_rows: other})
-
-        async def write_both(key: str) -> None:
-            async with sessions() as session:
-                await session.execute(insert(pg_rows).values(key=key, amount=1))
-                await session.execute(insert(other_rows).values(key=key))
-                await session.commit()
-
+        write_both = two_database_writer(ledger, other)
         for n in range(6):  # both orders, almost surely
             with pytest.raises((CommitOutcomeUnknown, sa_exc.DBAPIError, OSError)) as raised:
                 await write_both(f"k{n}")
@@ -383,29 +396,15 @@ async def test_a_lost_first_commit_of_two_databases_is_no_success_if_the_second_
     # Bind A's COMMIT (through the proxy) is applied and its answer lost. When
     # SQLAlchemy sends it first, B's COMMIT is never sent: A verifies as committed,
     # and that alone must not pass for the session's success.
-    async with ledger.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS notes"))
-        await conn.execute(text("CREATE TABLE notes (key text PRIMARY KEY)"))
-    db = ResilientEngine(
-        proxied, timeout=5, retries=0, breaker=False, verify_commits=True, verify_timeout=1
-    )
-    pg_rows = table("ledger", column("key"), column("amount"))
-    other_rows = table("notes", column("key"))
-    sessions = db.sessionmaker(binds={pg_rows: proxied, other_rows: ledger})
-
-    async def write_both(key: str) -> bool:
-        async with sessions() as session:
-            await session.execute(insert(pg_rows).values(key=key, amount=1))
-            await session.execute(insert(other_rows).values(key=key))
-            try:
-                await session.commit()
-            except CommitOutcomeUnknown:
-                return False
-            return True
-
+    await create_notes(ledger)
+    write_both = two_database_writer(proxied, ledger)
     for n in range(6):  # both orders, almost surely
         proxy.add_toxic(DropCommitAck(count=1, name=f"lost-{n}"))
-        succeeded = await write_both(f"k{n}")
+        try:
+            await write_both(f"k{n}")
+            succeeded = True
+        except CommitOutcomeUnknown:
+            succeeded = False
         proxy.remove_toxic(f"lost-{n}")
         notes = await witness.scalar("SELECT count(*) FROM notes WHERE key = $1", f"k{n}")
         assert not succeeded or notes == 1
