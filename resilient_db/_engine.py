@@ -942,23 +942,21 @@ class ResilientEngine:
         unsafe = [r for r in records if r.status is not CommitStatus.REJECTED]
         if not unsafe or _is_exit(exc):
             raise exc
-        lost = [r for r in unsafe if r.status is not CommitStatus.RETURNED]
-        if self.verify_commits and self._is_pg and not lost:
-            # Every COMMIT sent was answered: the error came from elsewhere (a
-            # COMMIT rejected, one never sent, a hook after it). Nothing to verify.
-            if len(records) < due:
-                raise CommitOutcomeUnknown(
-                    f"of this transaction's {due} COMMITs (one per database bound), "
-                    f"{len(records)} were sent before {type(exc).__name__}; not retried",
-                ) from exc
-            raise exc  # the unit sees a COMMIT that took effect: it does not retry
         if self.verify_commits and self._is_pg:
+            lost = [r for r in unsafe if r.status is not CommitStatus.RETURNED]
+            if not lost:
+                # Every COMMIT sent was answered: the error came from elsewhere (a
+                # COMMIT rejected, one never sent, a hook after it). Nothing to verify.
+                if len(records) < due:
+                    raise CommitOutcomeUnknown(
+                        f"of this transaction's {due} COMMITs (one per database bound), "
+                        f"{len(records)} were sent before {type(exc).__name__}; not retried",
+                    ) from exc
+                raise exc  # the unit sees a COMMIT that took effect: it does not retry
             # Each COMMIT whose answer was lost is settled by its own transaction id
             # (a session bound to several engines sends one COMMIT per engine).
             unresolved: list[tuple[CommitRecord, str]] = []
-            for record in unsafe:
-                if record.status is CommitStatus.RETURNED:
-                    continue
+            for record in lost:
                 if record.xid_read and record.xid is None:
                     # It wrote nothing: nothing to lose or to duplicate.
                     record.status = CommitStatus.REJECTED
@@ -1008,9 +1006,9 @@ class ResilientEngine:
         """Ask ``pg_xact_status`` on a fresh connection, while it says ``in progress``,
         with the attempt's timers paused: the verification has a budget of its own."""
         scope = _get_scope()
-        loop = asyncio.get_running_loop()
         if scope is None:
             return await self._ask_status(xid)
+        loop = asyncio.get_running_loop()
         scope.attempt.disarm()
         paused_at = loop.time()
         try:
@@ -1289,6 +1287,11 @@ class GuardedConnection(AsyncConnection):
         sync = self.sync_connection
         return None if sync is None else sync.get_transaction()
 
+    def _owner(self) -> GuardedConnection | GuardedSession:
+        """Whose state its operations use: its session's, if it is one's connection."""
+        session = self._session
+        return self if session is None else session
+
     if not TYPE_CHECKING:
 
         def start(self, is_ctxmanager: bool = False) -> Awaitable[AsyncConnection]:
@@ -1320,7 +1323,8 @@ class GuardedConnection(AsyncConnection):
 
         def execute(self, statement, parameters=None, *, execution_options=None):
             # A plain function returning the guard's coroutine: one coroutine layer
-            # less for every statement (awaiting it is the same).
+            # less for every statement (awaiting it is the same). `_owner()` written
+            # out: this runs for every statement.
             session = self._session
             return self._db._guard(
                 self if session is None else session,
@@ -1335,9 +1339,8 @@ class GuardedConnection(AsyncConnection):
             )
 
         async def exec_driver_sql(self, statement, parameters=None, execution_options=None):
-            session = self._session
             return await self._db._guard(
-                self if session is None else session,
+                self._owner(),
                 statement,
                 None,
                 execution_options,
@@ -1351,9 +1354,8 @@ class GuardedConnection(AsyncConnection):
             # Awaited (`await conn.stream(...)`) or entered (`async with
             # conn.stream(...) as result`), as SQLAlchemy's own; `stream_scalars`
             # enters it.
-            session = self._session
             result = await self._db._guard(
-                self if session is None else session,
+                self._owner(),
                 statement,
                 None,
                 execution_options,
@@ -1378,15 +1380,8 @@ class GuardedConnection(AsyncConnection):
 
         async def run_sync(self, fn, *arg, **kw):
             # One guarded operation: the engine's timeout bounds the whole function.
-            session = self._session
             return await self._db._guard(
-                self if session is None else session,
-                None,
-                False,
-                None,
-                AsyncConnection.run_sync,
-                (self, fn, *arg),
-                kw,
+                self._owner(), None, False, None, AsyncConnection.run_sync, (self, fn, *arg), kw
             )
 
         async def close(self) -> None:
@@ -1450,10 +1445,7 @@ class _GuardedTransaction(_GuardedBlock, AsyncTransaction):
 
     def _guarded_owner(self) -> GuardedConnection | GuardedSession | None:
         conn = self.connection
-        if not isinstance(conn, GuardedConnection):
-            return None
-        # A session's connection (`session.connection()`): the session's state.
-        return conn if conn._session is None else conn._session
+        return conn._owner() if isinstance(conn, GuardedConnection) else None
 
 
 class _GuardedSessionTransaction(_GuardedBlock, AsyncSessionTransaction):
