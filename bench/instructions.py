@@ -1,7 +1,8 @@
 """Figure 1's unit counted in CPU instructions: a figure the neighbours cannot move.
 
-    python -m bench.instructions [--units N] [--warmup N] [--variants a,b] [--pg-url URL]
-    python -m bench.instructions --price-list [--units N]
+    python -m bench.instructions [--units N] [--warmup N] [--seeds N] [--variants a,b]
+                                 [--pg-url URL]
+    python -m bench.instructions --price-list [--units N] [--seeds N]
 
 Timed ratios on a shared two-core machine move by ±0.03 from run to run, and by
 more when the host steals time; the number of instructions the client executes for
@@ -9,16 +10,30 @@ a unit does not. Each variant's unit (connect, ``SELECT 1``, release on PostgreS
 tracing off) runs in a child process under ``valgrind --tool=callgrind``, twice:
 ``warmup`` units and then ``units`` more, and ``warmup`` units alone. The difference
 divided by ``units`` is the unit's cost in instructions, with the import, the
-warm-up and the shutdown taken out. Children run with ``PYTHONHASHSEED=0``: a
-random hash seed alone moves a total by thousands of instructions per unit.
+warm-up and the shutdown taken out.
+
+Two things would still move that count from run to run or from build to build, and
+both are taken out:
+
+* *When a full garbage collection falls.* One walks the whole heap, and when it
+  runs depends on allocation counts that differ between the two children: up to
+  15,000 instructions per unit. After the warm-up the child collects once and
+  freezes what is alive (``gc.freeze()``); the young generations are still
+  collected, so the garbage a unit makes is still paid for. With the heap frozen,
+  two runs of one build give the same count within a few instructions per unit.
+* *The memory layout.* The hash seed decides how dictionaries and sets are laid
+  out, and with that which attribute lookups collide in the interpreter's type
+  cache: a few thousand instructions per unit, either way, fixed for one build and
+  one seed. Any change of the code moves the layout as a seed does. Each variant
+  therefore runs under ``--seeds`` hash seeds (``PYTHONHASHSEED`` 0, 1, ...; three
+  by default); the table gives the median count, the median of the ratios taken
+  seed by seed, and the lowest and highest ratio.
 
 What it counts is the client process's user-space instructions: not the server's
 work, not the kernel's, not cache misses. A client-instruction ratio over raw is
 therefore an upper bound on the wall-time ratio of a unit whose time is not all the
 client's. As in the timed figures, "raw" runs with resilient-db's SQLAlchemy
-listeners removed. The rest of the noise is the event loop's: how many iterations a
-round trip takes depends on when the server answers (about ±1,000 instructions per
-unit over 5,000 units).
+listeners removed.
 
 ``--price-list`` counts instead what the interpreter charges for the building
 blocks of a guarded call, on a coroutine that does nothing (no database): a
@@ -26,17 +41,19 @@ coroutine layer, a context variable set and reset, the call's two scope objects,
 then ``@resilient`` with less and less left out. Each row is the cost of one call,
 the no-op coroutine's own included.
 
-Needs valgrind (Debian's package ``valgrind``); a run of 5,000 units per variant
-takes a few minutes, two children at a time.
+Needs valgrind (Debian's package ``valgrind``); 5,000 units per variant and seed
+take about a minute, two children at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,7 +131,10 @@ async def child(variant: str, warmup: int, units: int, url: str) -> None:
     """Run ``warmup + units`` of ``variant``'s units (inside valgrind)."""
     if variant in PRICES:
         call = _priced(variant)
-        for _ in range(warmup + units):
+        for _ in range(warmup):
+            await call()
+        _freeze_heap()
+        for _ in range(units):
             await call()
         return
     engine = create_async_engine(url)
@@ -126,16 +146,30 @@ async def child(variant: str, warmup: int, units: int, url: str) -> None:
             unit = guarded_units(engine)[variant]
         else:
             raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-        for _ in range(warmup + units):
+        for _ in range(warmup):
+            await unit()
+        _freeze_heap()
+        for _ in range(units):
             await unit()
     finally:
         await engine.dispose()
 
 
-def callgrind(command: Sequence[str], out: Path) -> int:
-    """Run ``command`` under callgrind (``PYTHONHASHSEED=0``); the instructions it
+def _freeze_heap() -> None:
+    """Collect, then move every object alive after the warm-up out of the collector's
+    sight (``gc.freeze()``). A full collection walks the whole heap — tens of millions
+    of instructions for an interpreter with SQLAlchemy loaded — and when one falls
+    depends on allocation counts that differ between the two children: without this,
+    totals moved by up to 15,000 instructions per unit from run to run. The young
+    generations are still collected, so the garbage a unit makes is still paid for."""
+    gc.collect()
+    gc.freeze()
+
+
+def callgrind(command: Sequence[str], out: Path, seed: int = 0) -> int:
+    """Run ``command`` under callgrind (``PYTHONHASHSEED=seed``); the instructions it
     counted for the whole process."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
         capture_output=True,
@@ -151,44 +185,80 @@ def callgrind(command: Sequence[str], out: Path) -> int:
     return int(found.group(1))
 
 
-def instructions(variant: str, warmup: int, units: int, url: str, directory: Path) -> int:
+def instructions(
+    variant: str, warmup: int, units: int, url: str, directory: Path, seed: int = 0
+) -> int:
     """Instructions of a child process running ``warmup + units`` of ``variant``'s units."""
     child = [sys.executable, "-m", "bench.instructions", "--child", variant]
     options = ["--warmup", str(warmup), "--units", str(units), "--pg-url", url]
-    out = directory / f"{[*VARIANTS, *PRICES].index(variant)}-{units}.out"
-    return callgrind([*child, *options], out)
+    out = directory / f"{[*VARIANTS, *PRICES].index(variant)}-{units}-{seed}.out"
+    return callgrind([*child, *options], out, seed)
 
 
-def measure(variants: Sequence[str], *, warmup: int, units: int, url: str) -> dict[str, float]:
-    """Instructions per unit of each variant."""
+def measure(
+    variants: Sequence[str], *, warmup: int, units: int, url: str, seeds: Sequence[int] = (0,)
+) -> dict[str, list[float]]:
+    """Instructions per unit of each variant, one figure per hash seed.
+
+    A count is the same from run to run for one build and one seed, but not across
+    seeds: the seed changes how dictionaries and sets are laid out, and with that
+    which attribute lookups collide in the interpreter's type cache — a few thousand
+    instructions per unit either way. A change of the code moves the layout just as
+    a seed does, so a comparison between two revisions is read over several seeds."""
+    # Compile every module's bytecode first: a child that compiles (a fresh checkout)
+    # counts tens of millions of instructions the other does not.
+    subprocess.run([sys.executable, "-c", "import bench.instructions, bench._variants"], check=True)
     with tempfile.TemporaryDirectory() as name, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         directory = Path(name)
         runs = {
-            (variant, n): pool.submit(instructions, variant, warmup, n, url, directory)
+            (variant, n, seed): pool.submit(instructions, variant, warmup, n, url, directory, seed)
+            for seed in seeds
             for variant in variants
             for n in (0, units)
         }
         totals = {key: future.result() for key, future in runs.items()}
-    return {v: (totals[(v, units)] - totals[(v, 0)]) / units for v in variants}
+    return {
+        v: [(totals[(v, units, seed)] - totals[(v, 0, seed)]) / units for seed in seeds]
+        for v in variants
+    }
 
 
 def report(
-    per_unit: dict[str, float], baseline: str = "raw", short: str = "raw", width: int = 16
+    per_unit: dict[str, list[float]], baseline: str = "raw", short: str = "raw", width: int = 16
 ) -> tuple[str, list[dict[str, Any]]]:
-    """A table of ``per_unit``, each row over and × the ``baseline`` row (``short``)."""
+    """A table of ``per_unit`` (one count per seed), each row's median, and its median
+    over and × the ``baseline`` row (``short``) taken seed by seed, with the lowest
+    and highest ratio when there are several seeds."""
     raw = per_unit.get(baseline)
     lines = [
-        f"{'variant':<{width}}  {'instructions/unit':>17}  {'over ' + short:>11}  {'× ' + short:>8}"
+        f"{'variant':<{width}}  {'instructions/unit':>17}  {'over ' + short:>11}  "
+        f"{'× ' + short:>8}  {'seeds: lowest-highest':>21}"
     ]
     rows: list[dict[str, Any]] = []
-    for variant, count in per_unit.items():
-        over = None if raw is None else count - raw
-        ratio = None if raw is None else count / raw
-        rows.append({"variant": variant, "per_unit": count, "over_raw": over, "ratio": ratio})
-        lines.append(
-            f"{variant:<{width}}  {count:>17,.0f}  "
-            + ("" if over is None or ratio is None else f"{over:>+11,.0f}  {ratio:>8.3f}")
+    for variant, counts in per_unit.items():
+        over = ratio = None
+        ratios: list[float] = []
+        if raw is not None:
+            over = statistics.median(c - r for c, r in zip(counts, raw, strict=True))
+            ratios = [c / r for c, r in zip(counts, raw, strict=True)]
+            ratio = statistics.median(ratios)
+        count = statistics.median(counts)
+        rows.append(
+            {
+                "variant": variant,
+                "per_unit": count,
+                "per_seed": counts,
+                "over_raw": over,
+                "ratio": ratio,
+                "ratios": ratios,
+            }
         )
+        line = f"{variant:<{width}}  {count:>17,.0f}  "
+        if over is not None and ratio is not None:
+            line += f"{over:>+11,.0f}  {ratio:>8.3f}"
+            if len(ratios) > 1:
+                line += f"  {min(ratios):>10.3f}-{max(ratios):.3f}"
+        lines.append(line)
     return "\n".join(lines), rows
 
 
@@ -206,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--pg-url", default=None, help="PostgreSQL server (as the tests)")
     parser.add_argument("--out", default=None, help="directory for the JSON (bench/results)")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="hash seeds (memory layouts) per variant: 0, 1, ..."
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     url = args.pg_url or pg_url_from_env()
@@ -219,11 +292,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if not variants or set(variants) - set(VARIANTS):
             parser.error(f"--variants: each of {VARIANTS}; got {args.variants!r}")
-    if units < 1 or args.warmup < 1:
-        parser.error("--units and --warmup must be at least 1")
+    if units < 1 or args.warmup < 1 or args.seeds < 1:
+        parser.error("--units, --warmup and --seeds must be at least 1")
     if shutil.which("valgrind") is None:
         parser.error("valgrind not found: install it (Debian: apt-get install valgrind)")
-    per_unit = measure(variants, warmup=args.warmup, units=units, url=url)
+    seeds = range(args.seeds)
+    per_unit = measure(variants, warmup=args.warmup, units=units, url=url, seeds=seeds)
     if args.price_list:
         text, rows = report(
             {PRICES[k]: v for k, v in per_unit.items()}, PRICES["noop"], "no-op", 56
@@ -238,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "price_list": args.price_list,
         "units": units,
         "warmup": args.warmup,
+        "seeds": list(seeds),
         "rows": rows,
     }
     path = write_json("instructions", payload, None if args.out is None else Path(args.out))
