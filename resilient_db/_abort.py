@@ -28,7 +28,7 @@ import asyncio
 import logging
 from typing import Any
 
-__all__ = ["abort_driver_connection", "pending_cancel_requests"]
+__all__ = ["abort_connection", "abort_driver_connection", "pending_cancel_requests"]
 
 logger = logging.getLogger("resilient_db")
 
@@ -77,6 +77,20 @@ async def _send_cancel_request(target: dict[str, Any]) -> None:
 
 def _driver_of(dbapi_connection: Any) -> Any:
     return getattr(dbapi_connection, "driver_connection", None)
+
+
+def abort_connection(connection: Any) -> bool:
+    """Abort the I/O in flight on ``connection`` — a SQLAlchemy ``Connection`` (a
+    statement, a release) or the pool's connection proxy (a COMMIT); ``True`` if
+    aborted. A ``Connection`` closed (back in the pool: it may be someone else's
+    now) or invalidated meanwhile is left alone, as is a proxy without a DBAPI
+    connection any more."""
+    if hasattr(connection, "closed"):  # a SQLAlchemy Connection
+        if connection.closed or connection.invalidated:
+            return False
+        connection = connection.connection
+    driver = connection.dbapi_connection
+    return driver is not None and abort_driver_connection(driver)
 
 
 def abort_driver_connection(dbapi_connection: Any) -> bool:

@@ -66,7 +66,6 @@ from ._errors import BulkheadFull, CommitOutcomeUnknown, ConcurrentSessionUse, T
 from ._instrument import _STATE, DatabaseTarget, PoolCheckout, _Operation
 from ._policy import DEFAULT, Policy, _Default
 from ._scope import (
-    AttemptState,
     CallScope,
     CommitRecord,
     CommitStatus,
@@ -79,7 +78,7 @@ from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff
-from .policies.timeout import AttemptTimer
+from .policies.timeout import ConnectionTimer
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -621,26 +620,24 @@ class ResilientEngine:
         block's work is done, or rolled back with the connection.
 
         Lighter than :meth:`_cleanup_call` (it runs at every release): the
-        connection is known, so the timer watches it directly, without a call scope
-        for the dialect's ROLLBACK to register in."""
+        connection is known, so the connection itself is the timer
+        (:class:`ConnectionTimer`), with no call scope for the dialect's ROLLBACK
+        to register in and no timer object to allocate."""
         limit = self._cleanup_limit
-        sync = conn.sync_connection
-        if limit is None or sync is None or _unit_timer_armed():
+        if limit is None or conn.sync_connection is None or _unit_timer_armed():
             await _CONNECTION_CLOSE(conn)  # unbounded, or bounded by the unit's timer
             return
-        attempt = AttemptState()
-        attempt.inflight = {sync: None}
-        timer = AttemptTimer(attempt, limit)
+        conn.arm_timer(limit)
         try:
             await _CONNECTION_CLOSE(conn)
         except BaseException as exc:
-            if not timer.settle(exc):
+            if not conn.settle_timer(exc):
                 raise
             _release_timed_out(conn, self._unit._timeouts.expired(limit, False, 1))
             with suppress(Exception):
                 await _CONNECTION_CLOSE(conn)  # on the invalidated connection: no I/O
         else:
-            timer.settle(None)
+            conn.settle_timer(None)
 
     async def _cleanup_call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``fn(*args)`` — a rollback, a release — within the engine's timeout: on a
@@ -1249,13 +1246,28 @@ _CONNECTION_ROLLBACK: Final = AsyncConnection.rollback
 _CONNECTION_CLOSE: Final = AsyncConnection.close
 
 
-class GuardedConnection(AsyncConnection):
+class GuardedConnection(AsyncConnection, ConnectionTimer):
     """An ``AsyncConnection`` whose statements run under the engine's policy."""
 
     # Instance slots, not class-level defaults: on Python 3.11 an attribute that
     # also exists on the class is a generic lookup at every read, and every
-    # statement reads these.
-    __slots__ = ("_busy", "_db", "_server_timeouts_pending", "_session", "_statement_timeout_sent")
+    # statement reads these. The `ConnectionTimer`'s bound the release.
+    __slots__ = (
+        "_busy",
+        "_db",
+        "_server_timeouts_pending",
+        "_session",
+        "_statement_timeout_sent",
+        "_timer_base",
+        "_timer_grace",
+        "_timer_state",
+        "_timer_task",
+        "due",
+    )
+
+    # Hashed by identity, as SQLAlchemy's proxies are, but without a Python-level
+    # `__hash__`: the release timer's watchdog adds and removes it at every release.
+    __hash__ = object.__hash__
 
     _db: ResilientEngine
     _is_session: ClassVar[bool] = False
@@ -1286,6 +1298,9 @@ class GuardedConnection(AsyncConnection):
     def _current_transaction(self) -> object | None:
         sync = self.sync_connection
         return None if sync is None else sync.get_transaction()
+
+    def _timed_connection(self) -> Connection | None:
+        return self.sync_connection
 
     def _owner(self) -> GuardedConnection | GuardedSession:
         """Whose state its operations use: its session's, if it is one's connection."""

@@ -112,20 +112,13 @@ class AttemptState:
         A connection that was closed (back in the pool: it may belong to someone
         else now) or invalidated since it was registered is left alone.
         """
-        from ._abort import abort_driver_connection
+        from ._abort import abort_connection
 
         if not self.inflight:
             return False
         aborted = False
         for connection in list(self.inflight):
-            if hasattr(connection, "closed"):  # a SQLAlchemy Connection (a statement)
-                if connection.closed or connection.invalidated:
-                    continue
-                connection = connection.connection
-            # The pool's connection proxy (a COMMIT): no DBAPI connection once
-            # invalidated or returned.
-            driver = connection.dbapi_connection
-            if driver is not None and abort_driver_connection(driver):
+            if abort_connection(connection):
                 aborted = True
         self.inflight = None
         return aborted

@@ -13,7 +13,7 @@ from resilient_db import AttemptTimeout, DeadlineExceeded, resilient
 from resilient_db._scope import AttemptState
 from resilient_db._sqla import install_commit_tracking
 from resilient_db.policies import timeout as timeout_module
-from resilient_db.policies.timeout import AttemptTimer
+from resilient_db.policies.timeout import AttemptTimer, ConnectionTimer
 
 
 async def test_an_armed_attempt_timer_schedules_nothing_on_the_event_loop() -> None:
@@ -135,3 +135,76 @@ async def test_a_cancellation_during_the_abort_grace_is_the_callers(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert calls == 1
+
+
+class _Timed(ConnectionTimer):
+    """A ConnectionTimer on a stand-in owner (GuardedConnection is the real one)."""
+
+    __slots__ = ("_abortable", "_timer_base", "_timer_grace", "_timer_state", "_timer_task", "due")
+
+    def __init__(self, abortable: bool = False) -> None:
+        self._abortable = abortable
+
+    def _timed_connection(self) -> object | None:
+        return self if self._abortable else None
+
+
+async def test_a_connection_timer_armed_and_settled_in_time_cancels_nothing() -> None:
+    owner = _Timed()
+    owner.arm_timer(30.0)
+    assert owner in timeout_module._WATCHDOG.armed
+    assert not owner.settle_timer(None)
+    assert owner not in timeout_module._WATCHDOG.armed
+    owner._timer_expired(asyncio.current_task())  # type: ignore[arg-type]  # too late
+    await asyncio.sleep(0)  # a cancellation would be delivered here
+    assert owner._timer_state == 0
+
+
+async def test_an_expired_connection_timer_with_nothing_to_abort_cancels_the_task() -> None:
+    owner = _Timed()
+    owner.arm_timer(0.05)
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await asyncio.sleep(5)
+    assert owner.settle_timer(raised.value)  # the cancellation was the timer's own
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # and it was withdrawn
+
+
+async def test_an_expired_connection_timer_aborts_first_and_cancels_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    aborted: list[object] = []
+
+    def abort(connection: object) -> bool:
+        aborted.append(connection)
+        return True
+
+    monkeypatch.setattr(timeout_module, "abort_connection", abort)
+    owner = _Timed(abortable=True)
+    started = time.monotonic()
+    owner.arm_timer(0.05)
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await asyncio.sleep(5)  # a driver that ignores the abort
+    assert aborted == [owner]
+    assert time.monotonic() - started >= 0.05 + timeout_module.ABORT_GRACE
+    assert owner.settle_timer(raised.value)
+
+
+async def test_a_cancellation_from_outside_is_not_a_connection_timers() -> None:
+    owner = _Timed()
+    claimed: list[bool] = []
+
+    async def releasing() -> None:
+        owner.arm_timer(30.0)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError as exc:
+            claimed.append(owner.settle_timer(exc))
+            raise
+
+    task = asyncio.ensure_future(releasing())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert claimed == [False]

@@ -18,28 +18,34 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-import resilient_db._engine as engine_module
 import resilient_db._policy as policy_module
 from resilient_db import AttemptTimeout, CircuitBreaker, ResilientEngine
-from resilient_db.policies.timeout import ABORT_GRACE, AttemptTimer
+from resilient_db.policies.timeout import ABORT_GRACE, AttemptTimer, ConnectionTimer
 
 FAST = {"initial": 0.001, "max": 0.01}
 
 
 @pytest.fixture
-def timers(monkeypatch: pytest.MonkeyPatch) -> list[AttemptTimer]:
-    """Every attempt timer the policy arms, in order."""
-    armed: list[AttemptTimer] = []
+def timers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every timer armed, in order: ``"attempt"`` (the policy's attempt timers) or
+    ``"release"`` (a connection's release timer)."""
+    armed: list[str] = []
 
     class Counted(AttemptTimer):
         __slots__ = ()
 
         def __init__(self, attempt: Any, limit: float, start: float | None = None) -> None:
             super().__init__(attempt, limit, start)
-            armed.append(self)
+            armed.append("attempt")
+
+    arm = ConnectionTimer.arm_timer
+
+    def arm_release(self: ConnectionTimer, limit: float) -> None:
+        arm(self, limit)
+        armed.append("release")
 
     monkeypatch.setattr(policy_module, "AttemptTimer", Counted)
-    monkeypatch.setattr(engine_module, "AttemptTimer", Counted)  # releases
+    monkeypatch.setattr(ConnectionTimer, "arm_timer", arm_release)
     return armed
 
 
@@ -61,16 +67,17 @@ async def frozen_server() -> AsyncIterator[str]:
 
 
 async def test_a_checkout_from_a_warm_pool_arms_no_timer(
-    sqlite_engine: AsyncEngine, timers: list[AttemptTimer]
+    sqlite_engine: AsyncEngine, timers: list[str]
 ) -> None:
     db = ResilientEngine(sqlite_engine, timeout=5, breaker=False)
     async with db.connect() as conn:  # a cold pool: this checkout connects
         await conn.execute(text("SELECT 1"))
-    assert len(timers) == 3  # the connect, the statement, the release
+    assert timers == ["attempt", "attempt", "release"]  # the connect, the statement
     for _ in range(3):
         async with db.connect() as conn:  # answered from memory
             await conn.execute(text("SELECT 1"))
-    assert len(timers) == 3 + 3 * 2  # statement and release, none per warm checkout
+    # The statement and the release, none per warm checkout.
+    assert timers[3:] == ["attempt", "release"] * 3
 
 
 async def test_a_checkout_that_has_to_connect_is_timed_and_counted(frozen_server: str) -> None:

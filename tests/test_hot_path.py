@@ -21,9 +21,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 UNAVOIDABLE = {
-    # A method of asyncio's C Task (the attempt timer's starting count of
-    # cancellation requests).
+    # A method of asyncio's C Task (the attempt and release timers' starting count
+    # of cancellation requests).
     ("AttemptTimer.__init__", "cancelling"),
+    ("ConnectionTimer.arm_timer", "cancelling"),
     # Attributes of SQLAlchemy's objects: its execution context, a TextClause.
     ("_wrap_statement.<locals>.run_statement", "root_connection"),
     ("_may_retry_alone", "text"),

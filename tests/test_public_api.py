@@ -36,10 +36,12 @@ def test_every_public_class_and_function_of_the_private_modules_is_exported() ->
             ):
                 missing.append(f"{info.name}.{name}")
     internal = {
+        "resilient_db._abort.abort_connection",
         "resilient_db._abort.abort_driver_connection",
         "resilient_db._abort.pending_cancel_requests",
         "resilient_db.policies.timeout.ABORT_GRACE",
         "resilient_db.policies.timeout.AttemptTimer",
+        "resilient_db.policies.timeout.ConnectionTimer",
         "resilient_db._classify.resolve",
         "resilient_db._config.policy_from_env",
         "resilient_db._config.policy_from_mapping",

@@ -28,13 +28,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .. import _validate as v
+from .._abort import abort_connection
 from .._errors import AttemptTimeout, DeadlineExceeded, TimeoutExceeded
 from .._scope import AttemptState, CallScope, _get_scope, _reset_scope, _set_scope
 
-__all__ = ["ABORT_GRACE", "AttemptTimer", "TimeoutPolicy", "deadline", "remaining_time"]
+__all__ = [
+    "ABORT_GRACE",
+    "AttemptTimer",
+    "ConnectionTimer",
+    "TimeoutPolicy",
+    "deadline",
+    "remaining_time",
+]
 
 ABORT_GRACE = 0.1
 """Seconds a timed-out attempt gives an aborted driver to fail on its own before the
@@ -61,8 +69,16 @@ asyncio would copy the caller's, and keep that copy — with the call's scope in
 as long as the callback (or a cancelled grace handle) is referenced."""
 
 
+class _Watched(Protocol):
+    """What the watchdog watches: :class:`AttemptTimer`, :class:`ConnectionTimer`."""
+
+    due: float
+
+    def expire_threadsafe(self) -> None: ...
+
+
 class _Watchdog:
-    """Watches every armed :class:`AttemptTimer` of the process from one daemon thread.
+    """Watches every armed timer of the process from one daemon thread.
 
     Why not ``loop.call_later``: while a timer handle is pending, every iteration of
     the event loop waits in ``epoll`` with a timeout instead of blocking, and reads
@@ -83,7 +99,7 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
-        self.armed: set[AttemptTimer] = set()
+        self.armed: set[_Watched] = set()
         self.wake_at = math.inf
         """When the thread looks next (``inf``: only when woken)."""
         self._lock = threading.Lock()
@@ -104,7 +120,7 @@ class _Watchdog:
             else:
                 self._wakeup.notify()
 
-    def _snapshot(self) -> list[AttemptTimer]:
+    def _snapshot(self) -> list[_Watched]:
         # The event loops' threads add and discard timers without the lock; copying
         # the set is atomic unless a garbage collection runs Python code halfway.
         while True:
@@ -270,6 +286,99 @@ class AttemptTimer:
             # else's: the caller's, to be propagated, never retried as a timeout.
             return self.fired and ours
         return exc is not None
+
+
+class ConnectionTimer:
+    """A time limit on work whose connection is known in advance — releasing a
+    connection — kept in slots of the object that owns that connection.
+
+    When the time is up it does what :class:`AttemptTimer` does for an attempt:
+    abort the connection's I/O in flight, and cancel the task only if the driver did
+    not give up within :data:`ABORT_GRACE` (or nothing was in flight). Unlike an
+    attempt timer it has no attempt to register in and no deadline to share, so
+    arming it allocates nothing: it runs at every release of every connection.
+
+    A subclass declares the slots annotated here and says which SQLAlchemy
+    ``Connection`` is timed (:meth:`_timed_connection`). One timer per object, armed
+    and settled in turn.
+    """
+
+    if not TYPE_CHECKING:
+        # Empty, so that it mixes into a class with slots of its own (the subclass
+        # declares the ones annotated below); hidden from mypy, which would take
+        # the annotations for attributes outside the slots.
+        __slots__ = ()
+
+    due: float
+    """When it runs out, on ``time.monotonic`` (read by the watchdog)."""
+    _timer_task: asyncio.Task[Any] | None
+    """The task it bounds while armed; ``None`` once settled."""
+    _timer_base: int
+    _timer_state: int
+    """0: quiet; 1: the I/O in flight was aborted; 2: the task was cancelled."""
+    _timer_grace: asyncio.TimerHandle | None
+
+    def _timed_connection(self) -> Any:
+        """The SQLAlchemy ``Connection`` whose I/O to abort (``None``: none)."""
+        raise NotImplementedError
+
+    def arm_timer(self, limit: float) -> None:
+        """Arm it: due ``limit`` seconds from now, for the running task."""
+        tasks = _RUNNING_TASKS
+        task = asyncio.current_task() if tasks is None else tasks.get(_get_running_loop())
+        assert task is not None, "a guarded call runs in a task"
+        self._timer_task = task
+        self._timer_base = task.cancelling()
+        self._timer_state = 0
+        self.due = due = _monotonic() + limit
+        watchdog = _WATCHDOG
+        watchdog.armed.add(self)
+        if due < watchdog.wake_at:
+            watchdog.wake(due)
+
+    def settle_timer(self, exc: BaseException | None) -> bool:
+        """Disarm it, withdraw its cancellation request, and say whether the work
+        ended because of it (``exc``: what ended the work, if anything)."""
+        task = self._timer_task
+        self._timer_task = None
+        _WATCHDOG.armed.discard(self)
+        state = self._timer_state
+        if state == 0 or task is None:
+            return False
+        grace = self._timer_grace
+        if grace is not None:
+            grace.cancel()
+        ours = state == 2 and task.uncancel() <= self._timer_base
+        if isinstance(exc, asyncio.CancelledError):
+            # Only a cancellation it requested is its own (see AttemptTimer.settle).
+            return ours
+        return exc is not None
+
+    def expire_threadsafe(self) -> None:
+        """Called by the timer thread when the time is up."""
+        task = self._timer_task
+        if task is None:
+            return  # settled meanwhile
+        with contextlib.suppress(Exception):  # a closed loop: nothing left to stop
+            task.get_loop().call_soon_threadsafe(self._timer_expired, task, context=_TIMER_CONTEXT)
+
+    def _timer_expired(self, task: asyncio.Task[Any]) -> None:
+        if self._timer_task is not task:
+            return  # settled (and perhaps armed again) while the expiry was on its way
+        self._timer_state = 1
+        self._timer_grace = None
+        connection = self._timed_connection()
+        if connection is not None and abort_connection(connection):
+            self._timer_grace = task.get_loop().call_later(
+                ABORT_GRACE, self._timer_cancel, task, context=_TIMER_CONTEXT
+            )
+        else:
+            self._timer_cancel(task)
+
+    def _timer_cancel(self, task: asyncio.Task[Any]) -> None:
+        if self._timer_task is task:
+            self._timer_state = 2
+            task.cancel()
 
 
 @dataclass(frozen=True, slots=True)
