@@ -155,9 +155,23 @@ async def test_a_connection_timer_armed_and_settled_in_time_cancels_nothing() ->
     assert owner in timeout_module._WATCHDOG.armed
     assert not owner.settle_timer(None)
     assert owner not in timeout_module._WATCHDOG.armed
-    owner._timer_expired(asyncio.current_task())  # type: ignore[arg-type]  # too late
+    owner._timer_expired(asyncio.current_task(), owner.due)  # type: ignore[arg-type]  # too late
     await asyncio.sleep(0)  # a cancellation would be delivered here
     assert owner._timer_state == 0
+
+
+async def test_a_late_expiry_does_not_act_on_the_next_arming_by_the_same_task() -> None:
+    # A statement's timer ran out just as the statement finished; the release then
+    # armed the same connection again in the same task before the expiry arrived.
+    owner = _Timed()
+    owner.arm_timer(30.0)
+    first_due = owner.due
+    owner.settle_timer(None)
+    owner.arm_timer(30.0)
+    owner._timer_expired(asyncio.current_task(), first_due)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # a cancellation would be delivered here
+    assert owner._timer_state == 0
+    assert not owner.settle_timer(None)
 
 
 async def test_an_expired_connection_timer_with_nothing_to_abort_cancels_the_task() -> None:

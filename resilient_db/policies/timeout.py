@@ -360,23 +360,32 @@ class ConnectionTimer:
         if task is None:
             return  # settled meanwhile
         with contextlib.suppress(Exception):  # a closed loop: nothing left to stop
-            task.get_loop().call_soon_threadsafe(self._timer_expired, task, context=_TIMER_CONTEXT)
+            task.get_loop().call_soon_threadsafe(
+                self._timer_expired, task, self.due, context=_TIMER_CONTEXT
+            )
 
-    def _timer_expired(self, task: asyncio.Task[Any]) -> None:
-        if self._timer_task is not task:
-            return  # settled (and perhaps armed again) while the expiry was on its way
+    def _armed_as(self, task: asyncio.Task[Any], due: float) -> bool:
+        """Whether it is still the arming that ran out: armed for ``task``, due at
+        ``due``. The object is armed again and again (each statement, the release),
+        often by the same task: an expiry that reaches the loop after its arming was
+        settled must not act on the next one."""
+        return self._timer_task is task and self.due == due
+
+    def _timer_expired(self, task: asyncio.Task[Any], due: float) -> None:
+        if not self._armed_as(task, due):
+            return
         self._timer_state = 1
         self._timer_grace = None
         connection = self._timed_connection()
         if connection is not None and abort_connection(connection):
             self._timer_grace = task.get_loop().call_later(
-                ABORT_GRACE, self._timer_cancel, task, context=_TIMER_CONTEXT
+                ABORT_GRACE, self._timer_cancel, task, due, context=_TIMER_CONTEXT
             )
         else:
-            self._timer_cancel(task)
+            self._timer_cancel(task, due)
 
-    def _timer_cancel(self, task: asyncio.Task[Any]) -> None:
-        if self._timer_task is task:
+    def _timer_cancel(self, task: asyncio.Task[Any], due: float) -> None:
+        if self._armed_as(task, due):
             self._timer_state = 2
             task.cancel()
 
