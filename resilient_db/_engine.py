@@ -627,17 +627,17 @@ class ResilientEngine:
         if limit is None or conn.sync_connection is None or _unit_timer_armed():
             await _CONNECTION_CLOSE(conn)  # unbounded, or bounded by the unit's timer
             return
-        conn.arm_timer(limit)
+        conn._arm_timer(limit)
         try:
             await _CONNECTION_CLOSE(conn)
         except BaseException as exc:
-            if not conn.settle_timer(exc):
+            if not conn._settle_timer(exc):
                 raise
             _release_timed_out(conn, self._unit._timeouts.expired(limit, False, 1))
             with suppress(Exception):
                 await _CONNECTION_CLOSE(conn)  # on the invalidated connection: no I/O
         else:
-            conn.settle_timer(None)
+            conn._settle_timer(None)
 
     async def _cleanup_call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``fn(*args)`` — a rollback, a release — within the engine's timeout: on a
@@ -666,7 +666,12 @@ class ResilientEngine:
         fn: Callable[..., Awaitable[T]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timed: GuardedConnection | None = None,
     ) -> T:
+        """Run a statement (or a session's operation) of ``owner`` under the policy.
+        ``timed``: the connection it runs on, when the caller knows it (a
+        connection's own statements): a statement that opens its transaction is
+        then timed by its connection (see :meth:`Policy._invoke`)."""
         if owner._busy:
             # No guarded operation calls another on the same owner (SQLAlchemy's
             # `scalars` and `stream_scalars` call `execute` and `stream` after
@@ -705,10 +710,10 @@ class ResilientEngine:
             if read_only:
                 # Only a statement that opens its transaction may be retried alone.
                 return await self._read._invoke(  # type: ignore[no-any-return]
-                    fn, args, kwargs, label, self._target, statement, _retry_alone
+                    fn, args, kwargs, label, self._target, statement, _retry_alone, timed
                 )
             return await self._once._invoke(  # type: ignore[no-any-return]
-                fn, args, kwargs, label, self._target, statement
+                fn, args, kwargs, label, self._target, statement, None, timed
             )
         except BaseException as exc:
             translated = self._translate(exc, owner)
@@ -1351,6 +1356,7 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
                 _NO_KWARGS
                 if execution_options is None
                 else {"execution_options": execution_options},
+                self if session is None else None,  # then it times the statement
             )
 
         async def exec_driver_sql(self, statement, parameters=None, execution_options=None):
@@ -1362,6 +1368,7 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
                 _CONNECTION_EXEC_DRIVER_SQL,
                 (self, statement, parameters, execution_options),
                 _NO_KWARGS,
+                self if self._session is None else None,
             )
 
         @asyncstartablecontext
@@ -1379,6 +1386,7 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
                 _NO_KWARGS
                 if execution_options is None
                 else {"execution_options": execution_options},
+                self if self._session is None else None,
             )
             try:
                 yield result

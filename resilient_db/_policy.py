@@ -61,7 +61,7 @@ from .policies.breaker import (
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff, RetryPolicy
-from .policies.timeout import AttemptTimer, TimeoutPolicy
+from .policies.timeout import AttemptTimer, ConnectionTimer, TimeoutPolicy
 
 __all__ = ["Policy", "resilient"]
 
@@ -462,13 +462,18 @@ class Policy:
         target: DatabaseTarget | None = None,
         statement: Any = _NO_STATEMENT,
         again: _Again | None = None,
+        timed: ConnectionTimer | None = None,
     ) -> Any:
         """Run ``fn`` under the policy. ``label``, ``target`` and ``statement`` only
         describe the operation to instrumentation (the engine wrapper passes them).
         ``again``: what the attempts after the first call instead, as
         ``again(fn, *args, **kwargs)`` (the engine's statements retried alone roll
         back what the failed attempt left first); it may still refuse a retry once
-        the first attempt failed (see :class:`_Again`)."""
+        the first attempt failed (see :class:`_Again`). ``timed``: the connection
+        every attempt runs on, when it is known — a single statement's: it is then
+        the attempts' timer (:class:`ConnectionTimer`), with no timer object for the
+        attempt and nothing for the dialect to register (nothing may nest in such
+        an attempt)."""
         outer = _get_scope()
         if outer is not None and outer.in_call:
             return await self._invoke_nested(outer, fn, args, kwargs)
@@ -498,11 +503,11 @@ class Policy:
             try:
                 if op is None:
                     result = await self._attempt(
-                        scope, self._breaker, self._bulkhead, fn, args, kwargs
+                        scope, self._breaker, self._bulkhead, fn, args, kwargs, timed
                     )
                 else:
                     result = await self._observed_attempt(
-                        op, scope, self._breaker, self._bulkhead, fn, args, kwargs
+                        op, scope, self._breaker, self._bulkhead, fn, args, kwargs, timed
                     )
             except BaseException as exc:
                 # The failure path only: name the operation as its spans are named.
@@ -525,7 +530,9 @@ class Policy:
                 return result
             if again is not None:
                 fn = functools.partial(again, fn)
-            result = await self._retry_after(scope, failure, reason, fn, args, kwargs, start, name)
+            result = await self._retry_after(
+                scope, failure, reason, fn, args, kwargs, start, name, timed
+            )
             if op is not None:
                 op.ended(scope, None)
             return result
@@ -546,12 +553,13 @@ class Policy:
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timed: ConnectionTimer | None = None,
     ) -> Any:
         """:meth:`_attempt`, reported to the instrumentation hooks."""
         op.attempt_started(scope, breaker, self._retry.budget)
         started = self._clock()
         try:
-            result = await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
+            result = await self._attempt(scope, breaker, bulkhead, fn, args, kwargs, timed)
         except BaseException as exc:
             op.attempt_ended(scope, started, exc)
             raise
@@ -566,8 +574,10 @@ class Policy:
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timed: ConnectionTimer | None = None,
     ) -> Any:
-        """One attempt: breaker → bulkhead → timeout → call."""
+        """One attempt: breaker → bulkhead → timeout → call (``timed``: see
+        :meth:`_invoke`)."""
         timeouts = self._timeouts
         if scope.deadline_at is None:
             limit, by_deadline = timeouts.timeout, False
@@ -605,14 +615,18 @@ class Policy:
                 # I/O in flight (so the driver fails fast instead of SQLAlchemy waiting
                 # on a graceful close), and cancel the task only if nothing was in
                 # flight or the driver did not give up within ABORT_GRACE.
-                timer = AttemptTimer(scope.attempt, limit, start)
+                timer = (
+                    AttemptTimer(scope.attempt, limit, start)
+                    if timed is None
+                    else timed._arm_timer(limit)
+                )
                 try:
                     result = await fn(*args, **kwargs)
                 except BaseException as exc:
-                    if timer.settle(exc):
+                    if timer._settle_timer(exc):
                         raise timeouts.expired(limit, by_deadline, scope.attempt_number) from exc
                     raise
-                timer.settle(None)
+                timer._settle_timer(None)
         except BaseException as exc:
             if breaker is not None:
                 outcome = BreakerOutcome.IGNORED  # should the classifier itself fail
@@ -703,6 +717,7 @@ class Policy:
         kwargs: dict[str, Any],
         start: float,
         name: str,
+        timed: ConnectionTimer | None = None,
     ) -> Any:
         breaker, bulkhead = self._breaker, self._bulkhead
         op = _instrument._current_operation(scope)
@@ -710,8 +725,10 @@ class Policy:
         async def attempt() -> Any:
             scope.attempt = AttemptState()
             if op is None:
-                return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs)
-            return await self._observed_attempt(op, scope, breaker, bulkhead, fn, args, kwargs)
+                return await self._attempt(scope, breaker, bulkhead, fn, args, kwargs, timed)
+            return await self._observed_attempt(
+                op, scope, breaker, bulkhead, fn, args, kwargs, timed
+            )
 
         def should_retry(exc: BaseException, attempt_number: int) -> tuple[bool, str]:
             if attempt_number == 1:

@@ -151,9 +151,9 @@ class _Timed(ConnectionTimer):
 
 async def test_a_connection_timer_armed_and_settled_in_time_cancels_nothing() -> None:
     owner = _Timed()
-    owner.arm_timer(30.0)
+    owner._arm_timer(30.0)
     assert owner in timeout_module._WATCHDOG.armed
-    assert not owner.settle_timer(None)
+    assert not owner._settle_timer(None)
     assert owner not in timeout_module._WATCHDOG.armed
     owner._timer_expired(asyncio.current_task(), owner.due)  # type: ignore[arg-type]  # too late
     await asyncio.sleep(0)  # a cancellation would be delivered here
@@ -164,22 +164,22 @@ async def test_a_late_expiry_does_not_act_on_the_next_arming_by_the_same_task() 
     # A statement's timer ran out just as the statement finished; the release then
     # armed the same connection again in the same task before the expiry arrived.
     owner = _Timed()
-    owner.arm_timer(30.0)
+    owner._arm_timer(30.0)
     first_due = owner.due
-    owner.settle_timer(None)
-    owner.arm_timer(30.0)
+    owner._settle_timer(None)
+    owner._arm_timer(30.0)
     owner._timer_expired(asyncio.current_task(), first_due)  # type: ignore[arg-type]
     await asyncio.sleep(0)  # a cancellation would be delivered here
     assert owner._timer_state == 0
-    assert not owner.settle_timer(None)
+    assert not owner._settle_timer(None)
 
 
 async def test_an_expired_connection_timer_with_nothing_to_abort_cancels_the_task() -> None:
     owner = _Timed()
-    owner.arm_timer(0.05)
+    owner._arm_timer(0.05)
     with pytest.raises(asyncio.CancelledError) as raised:
         await asyncio.sleep(5)
-    assert owner.settle_timer(raised.value)  # the cancellation was the timer's own
+    assert owner._settle_timer(raised.value)  # the cancellation was the timer's own
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # and it was withdrawn
 
@@ -196,12 +196,12 @@ async def test_an_expired_connection_timer_aborts_first_and_cancels_after_the_gr
     monkeypatch.setattr(timeout_module, "abort_connection", abort)
     owner = _Timed(abortable=True)
     started = time.monotonic()
-    owner.arm_timer(0.05)
+    owner._arm_timer(0.05)
     with pytest.raises(asyncio.CancelledError) as raised:
         await asyncio.sleep(5)  # a driver that ignores the abort
     assert aborted == [owner]
     assert time.monotonic() - started >= 0.05 + timeout_module.ABORT_GRACE
-    assert owner.settle_timer(raised.value)
+    assert owner._settle_timer(raised.value)
 
 
 async def test_a_cancellation_from_outside_is_not_a_connection_timers() -> None:
@@ -209,11 +209,11 @@ async def test_a_cancellation_from_outside_is_not_a_connection_timers() -> None:
     claimed: list[bool] = []
 
     async def releasing() -> None:
-        owner.arm_timer(30.0)
+        owner._arm_timer(30.0)
         try:
             await asyncio.sleep(5)
         except asyncio.CancelledError as exc:
-            claimed.append(owner.settle_timer(exc))
+            claimed.append(owner._settle_timer(exc))
             raise
 
     task = asyncio.ensure_future(releasing())

@@ -27,8 +27,8 @@ FAST = {"initial": 0.001, "max": 0.01}
 
 @pytest.fixture
 def timers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every timer armed, in order: ``"attempt"`` (the policy's attempt timers) or
-    ``"release"`` (a connection's release timer)."""
+    """Every timer armed, in order: ``"attempt"`` (an attempt timer) or
+    ``"connection"`` (a connection timing its own statement or release)."""
     armed: list[str] = []
 
     class Counted(AttemptTimer):
@@ -38,14 +38,14 @@ def timers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             super().__init__(attempt, limit, start)
             armed.append("attempt")
 
-    arm = ConnectionTimer.arm_timer
+    arm = ConnectionTimer._arm_timer
 
-    def arm_release(self: ConnectionTimer, limit: float) -> None:
-        arm(self, limit)
-        armed.append("release")
+    def arm_connection(self: ConnectionTimer, limit: float) -> ConnectionTimer:
+        armed.append("connection")
+        return arm(self, limit)
 
     monkeypatch.setattr(policy_module, "AttemptTimer", Counted)
-    monkeypatch.setattr(ConnectionTimer, "arm_timer", arm_release)
+    monkeypatch.setattr(ConnectionTimer, "_arm_timer", arm_connection)
     return armed
 
 
@@ -72,12 +72,12 @@ async def test_a_checkout_from_a_warm_pool_arms_no_timer(
     db = ResilientEngine(sqlite_engine, timeout=5, breaker=False)
     async with db.connect() as conn:  # a cold pool: this checkout connects
         await conn.execute(text("SELECT 1"))
-    assert timers == ["attempt", "attempt", "release"]  # the connect, the statement
+    # The connect; the statement and the release, on their known connection.
+    assert timers == ["attempt", "connection", "connection"]
     for _ in range(3):
         async with db.connect() as conn:  # answered from memory
             await conn.execute(text("SELECT 1"))
-    # The statement and the release, none per warm checkout.
-    assert timers[3:] == ["attempt", "release"] * 3
+    assert timers[3:] == ["connection", "connection"] * 3  # none per warm checkout
 
 
 async def test_a_checkout_that_has_to_connect_is_timed_and_counted(frozen_server: str) -> None:

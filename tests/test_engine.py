@@ -701,6 +701,23 @@ async def test_frozen_server_the_client_gives_up_in_time_and_replaces_the_connec
     assert await backend_pid(db) != before
 
 
+async def test_a_statement_on_a_frozen_server_outside_a_transaction_is_bounded(
+    proxied: AsyncEngine, proxy: ChaosProxy, witness: Witness, ledger: AsyncEngine
+) -> None:
+    # `db.connect()`'s statements are timed by their connection (no attempt timer):
+    # the statement is still bounded, and its connection discarded.
+    db = ResilientEngine(proxied, timeout=0.5, retries=0, breaker=False)
+    async with db.connect() as conn:
+        await conn.execute(text("SELECT 1"))  # connected: only the statement is frozen
+        proxy.half_open()
+        elapsed = await seconds_to_fail(proxy, lambda: conn.execute(text("SELECT 2")))
+    assert elapsed < 1.5  # bound: 0.5 + ABORT_GRACE, with slack for a noisy machine
+    assert proxied.pool.checkedout() == 0  # type: ignore[attr-defined]
+    await proxied.dispose()
+    await ledger.dispose()  # the fixture's own pooled connection
+    assert await witness.wait_sessions(0) == []  # the aborted backend is gone too
+
+
 async def seconds_to_fail(
     proxy: ChaosProxy,
     call: Callable[[], Awaitable[object]],

@@ -24,7 +24,7 @@ UNAVOIDABLE = {
     # A method of asyncio's C Task (the attempt and release timers' starting count
     # of cancellation requests).
     ("AttemptTimer.__init__", "cancelling"),
-    ("ConnectionTimer.arm_timer", "cancelling"),
+    ("ConnectionTimer._arm_timer", "cancelling"),
     # Attributes of SQLAlchemy's objects: its execution context, a TextClause.
     ("_wrap_statement.<locals>.run_statement", "root_connection"),
     ("_may_retry_alone", "text"),

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, Self
 
 from .. import _validate as v
 from .._abort import abort_connection
@@ -287,6 +287,10 @@ class AttemptTimer:
             return self.fired and ours
         return exc is not None
 
+    _settle_timer = settle
+    """:meth:`settle`, under the name :class:`ConnectionTimer` uses (the policy's
+    attempt settles either kind)."""
+
 
 class ConnectionTimer:
     """A time limit on work whose connection is known in advance — releasing a
@@ -297,6 +301,10 @@ class ConnectionTimer:
     not give up within :data:`ABORT_GRACE` (or nothing was in flight). Unlike an
     attempt timer it has no attempt to register in and no deadline to share, so
     arming it allocates nothing: it runs at every release of every connection.
+
+    The policy arms one for a statement on a known connection too (the engine
+    wrapper's statements outside a transaction): the connection aborted is the
+    statement's, as the dialect would have registered it with an attempt timer.
 
     A subclass declares the slots annotated here and says which SQLAlchemy
     ``Connection`` is timed (:meth:`_timed_connection`). One timer per object, armed
@@ -322,7 +330,7 @@ class ConnectionTimer:
         """The SQLAlchemy ``Connection`` whose I/O to abort (``None``: none)."""
         raise NotImplementedError
 
-    def arm_timer(self, limit: float) -> None:
+    def _arm_timer(self, limit: float) -> Self:
         """Arm it: due ``limit`` seconds from now, for the running task."""
         tasks = _RUNNING_TASKS
         task = asyncio.current_task() if tasks is None else tasks.get(_get_running_loop())
@@ -335,8 +343,9 @@ class ConnectionTimer:
         watchdog.armed.add(self)
         if due < watchdog.wake_at:
             watchdog.wake(due)
+        return self
 
-    def settle_timer(self, exc: BaseException | None) -> bool:
+    def _settle_timer(self, exc: BaseException | None) -> bool:
         """Disarm it, withdraw its cancellation request, and say whether the work
         ended because of it (``exc``: what ended the work, if anything)."""
         task = self._timer_task
