@@ -114,15 +114,19 @@ def _wrap_statement(inner: dict[str, Any], name: str) -> Callable[..., Any]:
         scope = _get_scope()
         if scope is None or context is None:
             return inner[name](cursor, statement, parameters, context)
-        connection = context.root_connection
         op = (scope.root or scope).telemetry
         if op is not None and op.wants_statement:
             # An observed operation learns its database (and, for a single
             # statement, its SQL) from its first statement.
-            op.note_statement(connection, statement)
+            op.note_statement(context.root_connection, statement)
         attempt = scope.attempt
         if not attempt.timers:
+            # No attempt timer to abort it (none, or the statement's connection
+            # times it itself: ConnectionTimer).
             return inner[name](cursor, statement, parameters, context)
+        # (An attribute of SQLAlchemy's execution context: a lookup the interpreter
+        # cannot specialize, read only when needed.)
+        connection = context.root_connection
         # In flight for the duration of the DBAPI call: the attempt's timer aborts
         # it at the driver level when the time runs out (see `_abort`). Written out,
         # not called: this runs for every guarded statement.
