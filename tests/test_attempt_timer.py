@@ -222,3 +222,20 @@ async def test_a_cancellation_from_outside_is_not_a_connection_timers() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert claimed == [False]
+
+
+async def test_an_arming_the_watchdog_took_out_by_mistake_is_watched_again() -> None:
+    # The thread saw the first arming due and, before it discarded the connection
+    # from its watch, the connection was settled and armed again: the discard took
+    # the new arming out of the watch. Its expiry for the old due time puts it back.
+    owner = _Timed()
+    owner._arm_timer(30.0)
+    first_due = owner.due
+    owner._settle_timer(None)
+    owner._arm_timer(30.0)
+    timeout_module._WATCHDOG.armed.discard(owner)  # the thread's late discard
+    owner.expire_threadsafe(first_due)
+    assert owner in timeout_module._WATCHDOG.armed
+    await asyncio.sleep(0)  # an expiry would be delivered here
+    assert owner._timer_state == 0
+    assert not owner._settle_timer(None)

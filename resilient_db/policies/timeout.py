@@ -74,7 +74,8 @@ class _Watched(Protocol):
 
     due: float
 
-    def expire_threadsafe(self) -> None: ...
+    def expire_threadsafe(self, due: float) -> None:
+        """Its time, ``due``, is up (called by the watchdog's thread)."""
 
 
 class _Watchdog:
@@ -135,11 +136,12 @@ class _Watchdog:
                 now = time.monotonic()
                 soonest = math.inf
                 for timer in self._snapshot():
-                    if timer.due <= now:
+                    due = timer.due  # one read: a ConnectionTimer may be armed again
+                    if due <= now:
                         self.armed.discard(timer)
-                        timer.expire_threadsafe()
-                    elif timer.due < soonest:
-                        soonest = timer.due
+                        timer.expire_threadsafe(due)
+                    elif due < soonest:
+                        soonest = due
                 self.wake_at = soonest
                 if any(timer.due < soonest for timer in self._snapshot()):
                     continue  # armed during the scan, before wake_at was published
@@ -200,8 +202,9 @@ class AttemptTimer:
         else:
             timers.append(self)
 
-    def expire_threadsafe(self) -> None:
-        """Called by the timer thread when the time is up."""
+    def expire_threadsafe(self, due: float) -> None:
+        """Called by the timer thread when the time is up (``due``: one timer
+        object is armed once)."""
         # A closed loop raises: then there is nothing left to stop.
         with contextlib.suppress(Exception):
             self._task.get_loop().call_soon_threadsafe(self._expire, context=_TIMER_CONTEXT)
@@ -363,14 +366,19 @@ class ConnectionTimer:
             return ours
         return exc is not None
 
-    def expire_threadsafe(self) -> None:
-        """Called by the timer thread when the time is up."""
+    def expire_threadsafe(self, due: float) -> None:
+        """Called by the timer thread when the arming due at ``due`` ran out."""
         task = self._timer_task
         if task is None:
             return  # settled meanwhile
+        if self.due != due:
+            # Settled and armed again between the thread's look and its discard,
+            # which may have taken the new arming out of the watch: put it back.
+            _WATCHDOG.armed.add(self)
+            return
         with contextlib.suppress(Exception):  # a closed loop: nothing left to stop
             task.get_loop().call_soon_threadsafe(
-                self._timer_expired, task, self.due, context=_TIMER_CONTEXT
+                self._timer_expired, task, due, context=_TIMER_CONTEXT
             )
 
     def _armed_as(self, task: asyncio.Task[Any], due: float) -> bool:
