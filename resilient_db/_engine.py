@@ -1256,7 +1256,8 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
 
     # Instance slots, not class-level defaults: on Python 3.11 an attribute that
     # also exists on the class is a generic lookup at every read, and every
-    # statement reads these. The `ConnectionTimer`'s bound the release.
+    # statement reads these. The `ConnectionTimer` slots (`_timer_*`, `due`) time
+    # the connection's own statements outside a transaction and its release.
     __slots__ = (
         "_busy",
         "_db",
@@ -1271,7 +1272,8 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
     )
 
     # Hashed by identity, as SQLAlchemy's proxies are, but without a Python-level
-    # `__hash__`: the release timer's watchdog adds and removes it at every release.
+    # `__hash__`: the watchdog adds and removes it at every timed statement and
+    # every release.
     __hash__ = object.__hash__
 
     _db: ResilientEngine

@@ -149,6 +149,17 @@ class _Timed(ConnectionTimer):
         return self if self._abortable else None
 
 
+def _armed_again() -> tuple[_Timed, float]:
+    """A connection timer armed, settled and armed again (a statement, then the
+    release), and the due time of its first arming."""
+    owner = _Timed()
+    owner._arm_timer(30.0)
+    first_due = owner.due
+    owner._settle_timer(None)
+    owner._arm_timer(30.0)
+    return owner, first_due
+
+
 async def test_a_connection_timer_armed_and_settled_in_time_cancels_nothing() -> None:
     owner = _Timed()
     owner._arm_timer(30.0)
@@ -163,11 +174,7 @@ async def test_a_connection_timer_armed_and_settled_in_time_cancels_nothing() ->
 async def test_a_late_expiry_does_not_act_on_the_next_arming_by_the_same_task() -> None:
     # A statement's timer ran out just as the statement finished; the release then
     # armed the same connection again in the same task before the expiry arrived.
-    owner = _Timed()
-    owner._arm_timer(30.0)
-    first_due = owner.due
-    owner._settle_timer(None)
-    owner._arm_timer(30.0)
+    owner, first_due = _armed_again()
     owner._timer_expired(asyncio.current_task(), first_due)  # type: ignore[arg-type]
     await asyncio.sleep(0)  # a cancellation would be delivered here
     assert owner._timer_state == 0
@@ -228,11 +235,7 @@ async def test_an_arming_the_watchdog_took_out_by_mistake_is_watched_again() -> 
     # The thread saw the first arming due and, before it discarded the connection
     # from its watch, the connection was settled and armed again: the discard took
     # the new arming out of the watch. Its expiry for the old due time puts it back.
-    owner = _Timed()
-    owner._arm_timer(30.0)
-    first_due = owner.due
-    owner._settle_timer(None)
-    owner._arm_timer(30.0)
+    owner, first_due = _armed_again()
     timeout_module._WATCHDOG.armed.discard(owner)  # the thread's late discard
     owner.expire_threadsafe(first_due)
     assert owner in timeout_module._WATCHDOG.armed

@@ -296,18 +296,17 @@ class AttemptTimer:
 
 
 class ConnectionTimer:
-    """A time limit on work whose connection is known in advance — releasing a
-    connection — kept in slots of the object that owns that connection.
+    """A time limit on work whose connection is known in advance — a connection's
+    release, and its own statements outside a transaction — kept in slots of the
+    object that owns that connection.
 
     When the time is up it does what :class:`AttemptTimer` does for an attempt:
     abort the connection's I/O in flight, and cancel the task only if the driver did
     not give up within :data:`ABORT_GRACE` (or nothing was in flight). Unlike an
     attempt timer it has no attempt to register in and no deadline to share, so
-    arming it allocates nothing: it runs at every release of every connection.
-
-    The policy arms one for a statement on a known connection too (the engine
-    wrapper's statements outside a transaction): the connection aborted is the
-    statement's, as the dialect would have registered it with an attempt timer.
+    arming it allocates nothing: it runs at every such statement and every release.
+    The connection aborted is the statement's, as the dialect would have registered
+    it with an attempt timer (the policy arms it: ``Policy._invoke(timed=...)``).
 
     A subclass declares the slots annotated here and says which SQLAlchemy
     ``Connection`` is timed (:meth:`_timed_connection`). One timer per object, armed
