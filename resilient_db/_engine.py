@@ -624,7 +624,12 @@ class ResilientEngine:
         (:class:`ConnectionTimer`), with no call scope for the dialect's ROLLBACK
         to register in and no timer object to allocate."""
         limit = self._cleanup_limit
-        if limit is None or conn.sync_connection is None or _unit_timer_armed():
+        scope = _get_scope()  # `_unit_timer_armed()`'s first look, written out
+        if (
+            limit is None
+            or conn.sync_connection is None
+            or (scope is not None and scope.in_call and _unit_timer_armed())
+        ):
             await _CONNECTION_CLOSE(conn)  # unbounded, or bounded by the unit's timer
             return
         conn._arm_timer(limit)
@@ -1409,8 +1414,10 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
                 self._owner(), None, False, None, AsyncConnection.run_sync, (self, fn, *arg), kw
             )
 
-        async def close(self) -> None:
-            await self._db._release_connection(self)
+        def close(self) -> Awaitable[None]:
+            # A plain function returning the release's coroutine: one coroutine
+            # layer less for every release.
+            return self._db._release_connection(self)
 
 
 class _GuardedBlock:
