@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bench.instructions import PRICES, VARIANTS, callgrind
+from bench.instructions import PRICES, VARIANTS, callgrind, type_cache_misses
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -256,3 +256,16 @@ def test_callgrind_totals_are_read_from_its_output(tmp_path: Path) -> None:
         [sys.executable, "-S", "-c", "for _ in range(100_000): pass"], tmp_path / "more.out"
     )
     assert 0 < small < more
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_type_cache_misses_are_the_mro_walks_of_the_profile(tmp_path: Path) -> None:
+    # Each new class misses the type cache at its first lookup: 5,000 of them must
+    # show as MRO walks a bare interpreter does not make.
+    quiet = tmp_path / "quiet.out"
+    missing = tmp_path / "missing.out"
+    callgrind([sys.executable, "-S", "-c", "pass"], quiet)
+    program = "for i in range(5000): getattr(type('C%d' % i, (), {}), 'absent', None)"
+    total = callgrind([sys.executable, "-S", "-c", program], missing)
+    walks = type_cache_misses(missing)
+    assert type_cache_misses(quiet) * 2 < walks < total
