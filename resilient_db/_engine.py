@@ -624,11 +624,11 @@ class ResilientEngine:
         (:class:`ConnectionTimer`), with no call scope for the dialect's ROLLBACK
         to register in and no timer object to allocate."""
         limit = self._cleanup_limit
-        scope = _get_scope()  # `_unit_timer_armed()`'s first look, written out
+        scope = _get_scope()
         if (
             limit is None
             or conn.sync_connection is None
-            or (scope is not None and scope.in_call and _unit_timer_armed())
+            or (scope is not None and _unit_timer_armed(scope))
         ):
             await _CONNECTION_CLOSE(conn)  # unbounded, or bounded by the unit's timer
             return
@@ -650,7 +650,8 @@ class ResilientEngine:
         invalidates the connection) instead of hanging until TCP gives up. Inside a
         unit of work, the unit's timer bounds it."""
         policy = self._cleanup
-        if policy is None or _unit_timer_armed():
+        scope = _get_scope()
+        if policy is None or (scope is not None and _unit_timer_armed(scope)):
             return await fn(*args)
         own = CallScope(policy.clock, None, True)
         token = _set_scope(own)
@@ -1066,12 +1067,12 @@ async def _reset_after_verified_commit(owner: Any) -> None:
         await AsyncConnection.rollback(owner)
 
 
-def _unit_timer_armed() -> bool:
-    """Whether a unit of work's attempt timer watches what runs now (then it bounds
-    cleanup too: the dialect's ROLLBACK registers with it). A unit without a timeout
-    leaves cleanup to the engine's own bound."""
-    scope = _get_scope()
-    if scope is None or not scope.in_call:
+def _unit_timer_armed(scope: CallScope) -> bool:
+    """Whether a unit of work's attempt timer watches what runs now, in ``scope``
+    (then it bounds cleanup too: the dialect's ROLLBACK registers with it). A unit
+    without a timeout leaves cleanup to the engine's own bound. Callers look for a
+    scope first: outside any (every release of ``db.connect()``) there is no call."""
+    if not scope.in_call:
         return False
     timers = scope.attempt.timers
     return timers is not None and any(timer.live for timer in timers)
