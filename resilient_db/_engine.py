@@ -78,7 +78,7 @@ from .policies.breaker import BreakerProtocol, get_breaker
 from .policies.budget import RetryBudget
 from .policies.bulkhead import Bulkhead
 from .policies.retry import Backoff
-from .policies.timeout import ConnectionTimer
+from .policies.timeout import _TIMER_SLOTS, ConnectionTimer
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -1270,11 +1270,7 @@ class GuardedConnection(AsyncConnection, ConnectionTimer):
         "_server_timeouts_pending",
         "_session",
         "_statement_timeout_sent",
-        "_timer_base",
-        "_timer_grace",
-        "_timer_state",
-        "_timer_task",
-        "due",
+        *_TIMER_SLOTS,
     )
 
     # Hashed by identity, as SQLAlchemy's proxies are, but without a Python-level

@@ -13,7 +13,7 @@ from resilient_db import AttemptTimeout, DeadlineExceeded, resilient
 from resilient_db._scope import AttemptState
 from resilient_db._sqla import install_commit_tracking
 from resilient_db.policies import timeout as timeout_module
-from resilient_db.policies.timeout import AttemptTimer, ConnectionTimer
+from resilient_db.policies.timeout import _TIMER_SLOTS, AttemptTimer, ConnectionTimer
 
 
 async def test_an_armed_attempt_timer_schedules_nothing_on_the_event_loop() -> None:
@@ -140,7 +140,7 @@ async def test_a_cancellation_during_the_abort_grace_is_the_callers(
 class _Timed(ConnectionTimer):
     """A ConnectionTimer on a stand-in owner (GuardedConnection is the real one)."""
 
-    __slots__ = ("_abortable", "_timer_base", "_timer_grace", "_timer_state", "_timer_task", "due")
+    __slots__ = ("_abortable", *_TIMER_SLOTS)
 
     def __init__(self, abortable: bool = False) -> None:
         self._abortable = abortable

@@ -295,6 +295,10 @@ class AttemptTimer:
     attempt settles either kind)."""
 
 
+_TIMER_SLOTS: Final = ("_timer_base", "_timer_grace", "_timer_state", "_timer_task", "due")
+"""The slots a :class:`ConnectionTimer` subclass declares for it."""
+
+
 class ConnectionTimer:
     """A time limit on work whose connection is known in advance — a connection's
     release, and its own statements outside a transaction — kept in slots of the
@@ -308,9 +312,9 @@ class ConnectionTimer:
     The connection aborted is the statement's, as the dialect would have registered
     it with an attempt timer (the policy arms it: ``Policy._invoke(timed=...)``).
 
-    A subclass declares the slots annotated here and says which SQLAlchemy
-    ``Connection`` is timed (:meth:`_timed_connection`). One timer per object, armed
-    and settled in turn.
+    A subclass declares the slots annotated here (``__slots__ = (..., *_TIMER_SLOTS)``)
+    and says which SQLAlchemy ``Connection`` is timed (:meth:`_timed_connection`).
+    One timer per object, armed and settled in turn.
     """
 
     if not TYPE_CHECKING:
