@@ -333,17 +333,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("valgrind not found: install it (Debian: apt-get install valgrind)")
     seeds = range(args.seeds)
     per_unit, path = measure(variants, warmup=args.warmup, units=units, url=url, seeds=seeds)
+
+    def table(counts: dict[str, list[float]]) -> tuple[str, list[dict[str, Any]]]:
+        if args.price_list:
+            return report({PRICES[k]: v for k, v in counts.items()}, PRICES["noop"], "no-op", 56)
+        return report(counts)
+
+    text, rows = table(per_unit)
+    path_text, path_rows = table(path)
     if args.price_list:
-        text, rows = report(
-            {PRICES[k]: v for k, v in per_unit.items()}, PRICES["noop"], "no-op", 56
-        )
-        path_text, path_rows = report(
-            {PRICES[k]: v for k, v in path.items()}, PRICES["noop"], "no-op", 56
-        )
         print("one call, no database: client instructions")
     else:
-        text, rows = report(per_unit)
-        path_text, path_rows = report(path)
         print("connect, SELECT 1, release (PostgreSQL, asyncpg), tracing off: client instructions")
     print(text)
     print("\nthe same, type-cache misses left out (the path's length: compare revisions by it)")
